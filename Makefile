@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (Python 3.11 + make): `make demo`, `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: install demo test lint lock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync -q --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	touch $@
+
+demo: install
+	$(BIN)/python -m crm_assets.demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check crm_assets crm_assets_tests
+	$(BIN)/ruff format --check crm_assets crm_assets_tests
+
+lock:
+	$(BIN)/uv pip compile pyproject.toml --group dev --python-version 3.11 \
+		--generate-hashes --no-header -q -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .dagster_home .crm_sync
