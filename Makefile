@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 demo: install
-	$(BIN)/python -m crm_assets.demo
+	$(BIN)/crm-assets demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Shared fixtures: the embedded CRMs on free ports (see embedded_fixtures)."""

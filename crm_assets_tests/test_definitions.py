@@ -1,0 +1,71 @@
+"""The Dagster definitions load, and their shape follows the dataflow document."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from crm_assets.definitions import build_definitions
+from crm_assets.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = Path(__file__).parent / "fixtures" / "specs"
+
+
+def test_dg_check_defs_passes():
+    env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parents[1])}
+    dg_cli = Path(sys.executable).parent / "dg"
+    result = subprocess.run(
+        [str(dg_cli), "check", "defs"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All definitions loaded successfully" in result.stdout + result.stderr
+
+
+def settings_for(spec: Path, tmp_path: Path) -> Settings:
+    return dataclasses.replace(Settings.from_env(), spec_path=spec, data_dir=tmp_path)
+
+
+def groups(defs: dg.Definitions) -> dict[str, list[str]]:
+    graph = defs.resolve_asset_graph()
+    out: dict[str, list[str]] = {}
+    for key in graph.get_all_asset_keys():
+        out.setdefault(graph.get(key).group_name, []).append(key.to_user_string())
+    return out
+
+
+def test_packaged_document_gives_one_group_per_flow(tmp_path):
+    defs = build_definitions(settings_for(Settings.from_env().spec_path, tmp_path))
+    found = groups(defs)
+    assert {"contact_to_contacts", "product_to_companies"} <= set(found)
+    spec = defs.resolve_asset_graph().get(dg.AssetKey(["contact_to_contacts", "dataflow"]))
+    assert spec.metadata["flow"] == "Custom CRM Contact to CRMOffice Contacts"
+    assert spec.metadata["merge_on"] == "Email = email"
+    table = spec.metadata["properties"].value
+    assert [r.data["target"] for r in table.records][-1] == "company.id"
+
+
+def test_crm_sync_spec_selects_another_document(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRM_SYNC_SPEC", str(SPECS / "hubspot-superoffice.rst"))
+    defs = build_definitions(dataclasses.replace(Settings.from_env(), data_dir=tmp_path))
+    found = groups(defs)
+    assert "contact_to_person" in found and "quote_to_quotealternative" in found
+    assert len([g for g in found if "_to_" in g]) == 10
+
+
+def test_materializing_a_flow_records_its_definition(tmp_path):
+    defs = build_definitions(settings_for(SPECS / "freshteam-crmoffice.rst", tmp_path))
+    key = dg.AssetKey(["employee_to_contacts", "dataflow"])
+    result = dg.materialize([defs.resolve_assets_def(key)])
+    assert result.success
+    written = json.loads((tmp_path / "flows" / "employee_to_contacts.json").read_text())
+    assert written["properties"][2]["condition"] == {
+        "value": "wd:Q214995",
+        "path": "phone_numbers.name",
+    }
