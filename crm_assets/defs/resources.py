@@ -1,0 +1,65 @@
+"""Dagster resources: the two CRM clients and the project's storage, configured by EnvVar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from crm_assets.crm_office.client import CrmOfficeClient
+from crm_assets.custom_crm.client import CustomCrmClient
+from crm_assets.engine.snapshot import SnapshotStore
+
+
+class CustomCrmResource(dg.ConfigurableResource):
+    """A Custom CRM account; the API key comes from the environment only."""
+
+    base_url: str = Field(description="Base URL of the Custom CRM API")
+    api_key: str = Field(description="API key (set through CUSTOM_CRM_API_KEY)")
+    timeout_seconds: float = 30.0
+
+    def client(self) -> CustomCrmClient:
+        return CustomCrmClient(self.base_url, self.api_key, timeout=self.timeout_seconds)
+
+
+class CrmOfficeResource(dg.ConfigurableResource):
+    """A CRMOffice tenant; the client credentials come from the environment only."""
+
+    base_url: str = Field(description="Base URL of the CRMOffice API")
+    client_id: str = Field(description="OAuth2 client id (CRM_OFFICE_CLIENT_ID)")
+    client_secret: str = Field(description="OAuth2 client secret (CRM_OFFICE_CLIENT_SECRET)")
+    timeout_seconds: float = 30.0
+
+    def client(self) -> CrmOfficeClient:
+        return CrmOfficeClient(
+            self.base_url, self.client_id, self.client_secret, timeout=self.timeout_seconds
+        )
+
+
+class SyncStorage(dg.ConfigurableResource):
+    """Where the project keeps snapshots and reports (``CRM_SYNC_DATA_DIR``)."""
+
+    data_dir: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir)
+
+    def snapshots(self) -> SnapshotStore:
+        return SnapshotStore(self.root / "snapshots")
+
+
+def build_resources(data_dir: Path) -> dict[str, dg.ConfigurableResource]:
+    """The resources, reading every credential through ``EnvVar``."""
+    return {
+        "custom_crm": CustomCrmResource(
+            base_url=dg.EnvVar("CUSTOM_CRM_BASE_URL"), api_key=dg.EnvVar("CUSTOM_CRM_API_KEY")
+        ),
+        "crm_office": CrmOfficeResource(
+            base_url=dg.EnvVar("CRM_OFFICE_BASE_URL"),
+            client_id=dg.EnvVar("CRM_OFFICE_CLIENT_ID"),
+            client_secret=dg.EnvVar("CRM_OFFICE_CLIENT_SECRET"),
+        ),
+        "storage": SyncStorage(data_dir=str(data_dir)),
+    }

@@ -1,0 +1,196 @@
+"""What both CRM clients share: the error types, the retry policy, response checks.
+
+Errors say which system, which call and why, never with credentials: request
+headers are not part of any message, and URLs carry no secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import httpx
+import tenacity
+
+log = logging.getLogger("crm_assets.http")
+
+T = TypeVar("T")
+
+
+class CrmError(Exception):
+    """A call to a CRM failed; the message names the system, the call and the reason."""
+
+    def __init__(self, system: str, call: str, reason: str, status: int | None = None) -> None:
+        self.system, self.call, self.reason, self.status = system, call, reason, status
+        super().__init__(f"{system}: {call} failed: {reason}")
+
+
+class CrmUnavailable(CrmError):
+    """Transport errors, 5xx or 429 that outlasted the retries: the system is unreachable."""
+
+
+class CrmAuthError(CrmError):
+    """401/403: the credentials are wrong or not accepted."""
+
+
+class CrmNotFound(CrmError):
+    """404: the record does not exist (any more)."""
+
+
+class CrmConflict(CrmError):
+    """412: the record changed since it was read (If-Match mismatch)."""
+
+
+class CrmValidationError(CrmError):
+    """422 or another 4xx: the CRM rejected this record; ``errors`` lists fields and messages."""
+
+    def __init__(
+        self, system: str, call: str, reason: str, status: int, errors: list[dict[str, Any]]
+    ) -> None:
+        super().__init__(system, call, reason, status)
+        self.errors = errors
+
+
+class CrmProtocolError(CrmError):
+    """The CRM answered something that breaks its contract (malformed or truncated JSON)."""
+
+
+class _Retryable(Exception):
+    """An answer worth retrying (429, 5xx, transport error), with the server's Retry-After."""
+
+    def __init__(self, error: CrmError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error, self.retry_after = error, retry_after
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The ``Retry-After`` header as seconds (delta or HTTP date), if present and sane."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class RetryPolicy:
+    """Exponential backoff with full jitter that waits at least what Retry-After asks.
+
+    Built on tenacity; the wait honours the server's Retry-After when there is one.
+    """
+
+    def __init__(
+        self, attempts: int = 6, initial: float = 0.2, maximum: float = 20.0, deadline: float = 120
+    ) -> None:
+        self.attempts = attempts
+        self.initial = initial
+        self.maximum = maximum
+        self.deadline = deadline
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        backoff = random.uniform(0, min(self.maximum, self.initial * 2 ** (state.attempt_number)))
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return min(self.maximum * 3, exc.retry_after + random.uniform(0, self.initial))
+        return backoff
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``; retry it on :class:`_Retryable`; raise the last error as a CrmError."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts)
+            | tenacity.stop_after_delay(self.deadline),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            before_sleep=lambda s: log.info(
+                "retrying after %s (attempt %d)",
+                s.outcome.exception() if s.outcome else "?",
+                s.attempt_number,
+            ),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except _Retryable as exc:
+            raise exc.error from None
+
+
+def check_response(
+    system: str, call: str, response: httpx.Response, retry_server_errors: bool = True
+) -> httpx.Response:
+    """Turn a non-2xx answer into the matching CrmError (retryable ones wrapped).
+
+    A 5xx on a call that is not idempotent may have taken effect, so with
+    ``retry_server_errors=False`` it is raised at once for the caller to resolve.
+    """
+    status = response.status_code
+    if status < 300:
+        return response
+    detail = _error_detail(response)
+    if status == 429 or status >= 500:
+        error = CrmUnavailable(system, call, f"HTTP {status}{detail}", status)
+        if status >= 500 and not retry_server_errors:
+            raise error
+        raise _Retryable(error, retry_after_seconds(response))
+    if status in (401, 403):
+        raise CrmAuthError(system, call, f"HTTP {status}: credentials not accepted", status)
+    if status == 404:
+        raise CrmNotFound(system, call, "HTTP 404: not found", status)
+    if status == 412:
+        raise CrmConflict(system, call, "HTTP 412: the record changed since it was read", status)
+    errors = _field_errors(response)
+    raise CrmValidationError(system, call, f"HTTP {status}{detail}", status, errors)
+
+
+def _field_errors(response: httpx.Response) -> list[dict[str, Any]]:
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def _error_detail(response: httpx.Response) -> str:
+    errors = _field_errors(response)
+    if errors:
+        return ": " + "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors[:5])
+    return ""
+
+
+def json_body(system: str, call: str, response: httpx.Response) -> Any:
+    """The response's JSON; a malformed or truncated body is a CrmProtocolError."""
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CrmProtocolError(
+            system, call, f"malformed JSON in response ({len(response.content)} bytes): {exc}"
+        ) from None
+
+
+@contextmanager
+def transport_errors(system: str, call: str, retry: bool = True) -> Iterator[None]:
+    """Map httpx transport failures to CrmUnavailable; retryable unless ``retry`` is False.
+
+    A request that may have reached the server (a read error, a dropped
+    connection) is not retried when it is not idempotent: the caller resolves it.
+    """
+    try:
+        yield
+    except httpx.TransportError as exc:
+        error = CrmUnavailable(system, call, f"{type(exc).__name__}: {exc or 'no answer'}")
+        never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+        if retry or never_sent:
+            raise _Retryable(error) from None
+        raise error from None
