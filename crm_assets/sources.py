@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from crm_assets.crm_office import client as crm_office
 from crm_assets.custom_crm import client as custom_crm
+from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.snapshot import (
     SnapshotChange,
     SnapshotStore,
@@ -32,55 +33,43 @@ class PagedClient(Protocol):
     def pages(self, obj: str, since: datetime | None = None) -> Iterator[list[dict[str, Any]]]: ...
 
 
-@dataclass(frozen=True)
-class SourceObject:
-    """One API object of one CRM, e.g. Custom CRM ``contacts``."""
-
-    system: str  # as dataflow documents name it
-    system_key: str  # as asset keys and resources name it
-    entity: str  # as dataflow documents name it
-    obj: str  # as the API names it
-    id_field: str
-    modified_field: str
-    deleted_field: str | None
-    fields: dict[str, str]
-
-    @property
-    def asset_path(self) -> list[str]:
-        return [self.system_key, self.obj]
-
-
-def _custom_crm(entity: str, obj: str) -> SourceObject:
+def _custom_crm(entity: str, obj: str, references: dict[str, str]) -> SourceObject:
     return SourceObject(
-        custom_crm.SYSTEM,
-        "custom_crm",
-        entity,
-        obj,
-        "Id",
-        "Modified",
-        "Deleted",
-        custom_crm.FIELDS[obj],
+        system=custom_crm.SYSTEM,
+        system_key="custom_crm",
+        entity=entity,
+        obj=obj,
+        id_field="Id",
+        modified_field="Modified",
+        created_field="Created",
+        version_field="Version",
+        deleted_field="Deleted",
+        fields=custom_crm.FIELDS[obj],
+        references=references,
     )
 
 
-def _crm_office(entity: str, obj: str) -> SourceObject:
+def _crm_office(entity: str, obj: str, references: dict[str, str]) -> SourceObject:
     return SourceObject(
-        crm_office.SYSTEM,
-        "crm_office",
-        entity,
-        obj,
-        "id",
-        "updatedAt",
-        None,
-        crm_office.FIELDS[obj],
+        system=crm_office.SYSTEM,
+        system_key="crm_office",
+        entity=entity,
+        obj=obj,
+        id_field="id",
+        modified_field="updatedAt",
+        created_field="createdAt",
+        version_field="rowVersion",
+        deleted_field=None,
+        fields=crm_office.FIELDS[obj],
+        references=references,
     )
 
 
 SOURCES: tuple[SourceObject, ...] = (
-    _custom_crm("Contact", "contacts"),
-    _custom_crm("Product", "products"),
-    _crm_office("Contacts", "contacts"),
-    _crm_office("Companies", "companies"),
+    _custom_crm("Contact", "contacts", {"ProductId": "products"}),
+    _custom_crm("Product", "products", {}),
+    _crm_office("Contacts", "contacts", {"company.id": "companies"}),
+    _crm_office("Companies", "companies", {}),
 )
 
 

@@ -1,0 +1,294 @@
+"""Mapping: both sides of a flow projected onto the flow's properties, typed per the document.
+
+Side ``a`` is the document's source system (Custom CRM), side ``b`` its target
+(CRMOffice). Every property row becomes one *canonical* column, named after
+the target path and typed per the target data type, so both sides compare
+value for value. References (``ProductId`` ↔ ``company.id``) are canonical in
+side-a ids: side-b values are translated through the referenced flow's links.
+All of it is whole-frame polars expressions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import polars as pl
+
+from crm_assets.engine.document import DataflowDocument, Flow
+from crm_assets.engine.objects import SourceObject
+from crm_assets.engine.snapshot import DELETED
+
+#: canonical dtype per document data type (``None`` is N/A: compared as text)
+CANONICAL: dict[str | None, pl.DataType] = {
+    "string": pl.String(),
+    "integer": pl.Int64(),
+    "float": pl.Float64(),
+    "boolean": pl.Boolean(),
+    None: pl.String(),
+}
+
+_FIELD_KIND: dict[str, pl.DataType] = {
+    "string": pl.String(),
+    "integer": pl.Int64(),
+    "float": pl.Float64(),
+    "boolean": pl.Boolean(),
+    "datetime": pl.Datetime("us", "UTC"),
+}
+
+#: The columns every mapped frame has besides the canonical ones.
+META = ("id", "modified", "created", "version", "deleted", "error", "unresolved")
+
+
+class MappingError(ValueError):
+    """The document asks for a mapping the objects cannot provide."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One property row as a canonical column."""
+
+    name: str  # the target path
+    a_field: str
+    b_field: str
+    type: str | None
+    reference: str | None = None  # the flow whose links translate the value
+
+    @property
+    def dtype(self) -> pl.DataType:
+        return CANONICAL[self.type]
+
+
+@dataclass(frozen=True)
+class FlowMapping:
+    """A flow with its two objects and canonical columns."""
+
+    name: str
+    title: str
+    a: SourceObject
+    b: SourceObject
+    columns: tuple[Column, ...]
+    merge: tuple[tuple[str, str], ...]  # (a field, b field) alternatives
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def references(self) -> list[str]:
+        """The flows this flow's references are translated through (they run first)."""
+        return sorted({c.reference for c in self.columns if c.reference})
+
+    def side(self, side: str) -> SourceObject:
+        return self.a if side == "a" else self.b
+
+
+def build_flow_mapping(
+    document: DataflowDocument, flow: Flow, objects: Mapping[tuple[str, str], SourceObject]
+) -> FlowMapping:
+    """Check a flow against its objects' fields and resolve its references."""
+    try:
+        a = objects[(flow.source.system, flow.source.entity)]
+        b = objects[(flow.target.system, flow.target.entity)]
+    except KeyError as exc:
+        raise MappingError(f"line {flow.line}: no connector for {exc.args[0]}") from None
+    columns: list[Column] = []
+    for row in flow.properties:
+        if row.condition is not None:
+            raise MappingError(
+                f"line {row.line}: conditional row {row.source!r}: {a.system} {a.obj} has no arrays"
+            )
+        for obj, path in ((a, row.source), (b, row.target)):
+            if path not in obj.fields:
+                raise MappingError(f"line {row.line}: {obj.system} {obj.obj} has no field {path!r}")
+        reference = None
+        if row.source in a.references or row.target in b.references:
+            reference = _referenced_flow(document, flow, row.source, row.target, a, b, objects)
+        if any(c.name == row.target for c in columns):
+            raise MappingError(f"line {row.line}: {row.target!r} is the target of two rows")
+        columns.append(Column(row.target, row.source, row.target, row.type, reference))
+    for m in flow.merge:
+        for obj, path in ((a, m.source), (b, m.target)):
+            if path not in obj.fields:
+                raise MappingError(f"line {m.line}: {obj.system} {obj.obj} has no field {path!r}")
+    merge = tuple((m.source, m.target) for m in flow.merge)
+    return FlowMapping(flow.name, flow.title, a, b, tuple(columns), merge)
+
+
+def _referenced_flow(
+    document: DataflowDocument,
+    flow: Flow,
+    a_field: str,
+    b_field: str,
+    a: SourceObject,
+    b: SourceObject,
+    objects: Mapping[tuple[str, str], SourceObject],
+) -> str:
+    target = (a.references.get(a_field), b.references.get(b_field))
+    for other in document.flows:
+        oa = objects.get((other.source.system, other.source.entity))
+        ob = objects.get((other.target.system, other.target.entity))
+        if oa and ob and (oa.obj, ob.obj) == target and other.name != flow.name:
+            return other.name
+    raise MappingError(
+        f"line {flow.line}: {a_field} -> {b_field} is a reference, but no flow links "
+        f"{a.system} {target[0]} with {b.system} {target[1]}"
+    )
+
+
+def normalize_key(expr: pl.Expr, field: str) -> pl.Expr:
+    """Merge criteria compare trimmed, e-mail addresses case-insensitively; empty is no key."""
+    text = expr.cast(pl.String).str.strip_chars()
+    if "mail" in field.lower():
+        text = text.str.to_lowercase()
+    return pl.when(text == "").then(None).otherwise(text)
+
+
+def _convert(expr: pl.Expr, source: pl.DataType, target: pl.DataType) -> pl.Expr:
+    """A value of one type as another; what cannot convert becomes null (checked by the caller)."""
+    if source == target:
+        out = expr
+    elif target == pl.Boolean() and source == pl.String():
+        text = expr.str.strip_chars().str.to_lowercase()
+        out = (
+            pl.when(text.is_in(["true", "1", "yes"]))
+            .then(True)
+            .when(text.is_in(["false", "0", "no"]))
+            .then(False)
+            .otherwise(None)
+        )
+    elif source == pl.String():
+        out = expr.str.strip_chars().cast(target, strict=False)
+    else:
+        out = expr.cast(target, strict=False)
+    if target == pl.String():
+        out = pl.when(out.str.strip_chars() == "").then(None).otherwise(out)
+    return out
+
+
+def _conversion_errors(checks: list[tuple[str, pl.Expr, pl.Expr, str]]) -> pl.Expr:
+    """A message listing every field whose value did not convert, or null."""
+    parts = [
+        pl.when(raw.is_not_null() & converted.is_null())
+        .then(
+            pl.format(
+                "{}: cannot convert {} to {}", pl.lit(name), raw.cast(pl.String), pl.lit(kind)
+            )
+        )
+        .otherwise(None)
+        for name, raw, converted, kind in checks
+    ]
+    if not parts:
+        return pl.lit(None, dtype=pl.String)
+    joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
+    return pl.when(joined == "").then(None).otherwise(joined)
+
+
+def map_side(
+    snapshot: pl.DataFrame,
+    mapping: FlowMapping,
+    side: str,
+    reference_links: Mapping[str, pl.DataFrame] | None = None,
+) -> pl.DataFrame:
+    """One side's snapshot as the flow's canonical frame.
+
+    ``reference_links`` holds, per referenced flow, its live links (``a_id``,
+    ``b_id``); side-b references translate through them, and one that does not
+    translate is flagged ``unresolved`` (the record waits, it is not dropped).
+    """
+    obj = mapping.side(side)
+    frame = snapshot.lazy()
+    exprs: list[pl.Expr] = [
+        pl.col(obj.id_field).cast(pl.String).alias("id"),
+        pl.col(obj.modified_field).alias("modified"),
+        pl.col(obj.created_field).alias("created"),
+        pl.col(obj.version_field).cast(pl.String).alias("version"),
+        pl.col(DELETED).alias("deleted"),
+    ]
+    checks = []
+    unresolved: list[pl.Expr] = []
+    for column in mapping.columns:
+        field = column.a_field if side == "a" else column.b_field
+        raw = pl.col(field)
+        converted = _convert(raw, _FIELD_KIND[obj.fields[field]], column.dtype)
+        if column.reference and side == "b":
+            links = (reference_links or {}).get(column.reference)
+            if links is None:
+                raise MappingError(f"flow {mapping.name}: links of {column.reference} not given")
+            lookup = links.select(
+                pl.col("b_id").alias(f"__ref_{column.name}"),
+                pl.col("a_id").alias(f"__refa_{column.name}"),
+            )
+            frame = frame.join(
+                lookup.lazy(),
+                left_on=raw.cast(pl.String),
+                right_on=f"__ref_{column.name}",
+                how="left",
+                maintain_order="left",
+            )
+            translated = pl.col(f"__refa_{column.name}")
+            unresolved.append(raw.is_not_null() & translated.is_null())
+            exprs.append(translated.alias(column.name))
+            continue
+        checks.append((field, raw, converted, column.type or "text"))
+        exprs.append(converted.alias(column.name))
+    for i, (a_field, b_field) in enumerate(mapping.merge):
+        field = a_field if side == "a" else b_field
+        exprs.append(normalize_key(pl.col(field), field).alias(f"key{i}"))
+    exprs.append(_conversion_errors(checks).alias("error"))
+    exprs.append(
+        pl.any_horizontal(unresolved).fill_null(False).alias("unresolved")
+        if unresolved
+        else pl.lit(False).alias("unresolved")
+    )
+    return frame.select(exprs).collect()
+
+
+def to_side(
+    values: pl.DataFrame,
+    mapping: FlowMapping,
+    side: str,
+    reference_links: Mapping[str, pl.DataFrame] | None = None,
+) -> pl.DataFrame:
+    """Canonical values as one side's field values, for a write.
+
+    Returns the side's fields (one column per mapped field) plus ``error`` (a
+    value the side cannot hold, e.g. a non-numeric ``orgNr`` for the integer
+    ``ProductNumber``) and ``unresolved`` (a reference not linked yet).
+    """
+    obj = mapping.side(side)
+    frame = values.lazy()
+    exprs: list[pl.Expr] = []
+    checks = []
+    unresolved: list[pl.Expr] = []
+    for column in mapping.columns:
+        field = column.a_field if side == "a" else column.b_field
+        value = pl.col(column.name)
+        if column.reference and side == "b":
+            links = (reference_links or {})[column.reference]
+            lookup = links.select(
+                pl.col("a_id").alias(f"__refa_{column.name}"),
+                pl.col("b_id").alias(f"__refb_{column.name}"),
+            )
+            frame = frame.join(
+                lookup.lazy(),
+                left_on=value,
+                right_on=f"__refa_{column.name}",
+                how="left",
+                maintain_order="left",
+            )
+            translated = pl.col(f"__refb_{column.name}")
+            unresolved.append(value.is_not_null() & translated.is_null())
+            exprs.append(translated.alias(field))
+            continue
+        converted = _convert(value, column.dtype, _FIELD_KIND[obj.fields[field]])
+        checks.append((column.name, value, converted, obj.fields[field]))
+        exprs.append(converted.alias(field))
+    exprs.append(_conversion_errors(checks).alias("error"))
+    exprs.append(
+        pl.any_horizontal(unresolved).fill_null(False).alias("unresolved")
+        if unresolved
+        else pl.lit(False).alias("unresolved")
+    )
+    keep = [c for c in values.columns if c not in mapping.names]
+    return frame.select([pl.col(keep), *exprs]).collect()

@@ -1,0 +1,393 @@
+"""Reconcile: the plan of one sync run of one flow, as whole-frame polars.
+
+Inputs are the two mapped frames (see :mod:`crm_assets.engine.mapping`) and the
+flow's links with their base values. The rules (DESIGN section 5):
+
+1. linked pairs stay linked; otherwise merge criteria matching exactly one
+   unlinked record on the other side link it; two or more candidates is an
+   ambiguous match (neither linked nor created); none means create;
+2. modes ``read_only`` (plan only), ``limited`` (create only records created
+   after the flow was enabled) and ``full``;
+3. three-way field merge against the base: one side changed → it wins; both
+   changed differently → the newer modification wins, a tie goes to the
+   priority side; on a first link (no base) filled beats empty;
+4. a record equal to the base writes nothing (echo suppression);
+5. a deleted record tombstones its link; the survivor is left alone unless the
+   flow propagates deletes;
+6. a run updating more than a set share of one side's links is blocked
+   (circuit breaker) unless forced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import polars as pl
+
+from crm_assets.engine.mapping import FlowMapping
+
+SIDES = ("a", "b")
+
+
+def other(side: str) -> str:
+    return "b" if side == "a" else "a"
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    """How a flow syncs; the defaults are a full two-way sync with Custom CRM priority."""
+
+    mode: str = "full"  # read_only | limited | full
+    priority: str = "a"
+    enabled_at: datetime | None = None  # for mode "limited"
+    propagate_deletes: bool = False
+    max_update_share: float = 0.5
+    breaker_min_links: int = 50
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("read_only", "limited", "full"):
+            raise ValueError(f"unknown sync mode {self.mode!r}")
+        if self.priority not in SIDES:
+            raise ValueError(f"priority must be 'a' or 'b', got {self.priority!r}")
+
+
+@dataclass
+class Plan:
+    """What one run of one flow will do. Every frame is keyed by record ids."""
+
+    flow: str
+    columns: list[str]
+    #: linked pairs to write or to re-base: a_id, b_id, new_link, a.*, b.*, final.*,
+    #: write_a, write_b, a_version, b_version
+    pairs: pl.DataFrame
+    #: records to create on a side: {"a": frame of side-b records, "b": frame of side-a ones}
+    creates: dict[str, pl.DataFrame]
+    conflicts: pl.DataFrame  # a_id, b_id, field, a_value, b_value, winner
+    ambiguous: pl.DataFrame  # side, id, candidates
+    tombstones: pl.DataFrame  # a_id, b_id, deleted_side
+    deletes: dict[str, pl.DataFrame]  # side -> ids to delete there (delete propagation)
+    deferred: pl.DataFrame  # side, id, reason
+    failed: pl.DataFrame  # side, id, reason
+    counts: dict[str, int] = field(default_factory=dict)
+    blocked: str | None = None
+    read_only: bool = False
+
+
+def _empty_ids(*names: str) -> pl.DataFrame:
+    return pl.DataFrame(schema=dict.fromkeys(names, pl.String()))
+
+
+def reconcile_flow(
+    mapping: FlowMapping,
+    a: pl.DataFrame,
+    b: pl.DataFrame,
+    links: pl.DataFrame,
+    options: ReconcileOptions | None = None,
+    pending_creates: pl.DataFrame | None = None,
+) -> Plan:
+    """The plan for one flow.
+
+    ``links``: ``a_id, b_id, tombstoned`` and ``base.<column>`` values (null
+    where there is no base yet, ``has_base`` false). ``pending_creates``:
+    ``side, source_id`` of creates whose outcome is unknown (a crash between the
+    call and the state commit): their records are matched on all mapped values
+    too, so a create that landed is linked instead of made twice.
+    """
+    options = options or ReconcileOptions()
+    cols = mapping.names
+    a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
+    b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
+
+    # -- existing links -------------------------------------------------------------------
+    known = links.join(a, on="a_id", how="left").join(b, on="b_id", how="left")
+    a_gone = pl.col("a.deleted").fill_null(True)
+    b_gone = pl.col("b.deleted").fill_null(True)
+    live = known.filter(~pl.col("tombstoned"))
+    tombstones = live.filter(a_gone | b_gone).select(
+        "a_id",
+        "b_id",
+        pl.when(a_gone & b_gone)
+        .then(pl.lit("both"))
+        .when(a_gone)
+        .then(pl.lit("a"))
+        .otherwise(pl.lit("b"))
+        .alias("deleted_side"),
+    )
+    deletes = {
+        "a": tombstones.filter(pl.col("deleted_side") == "b").select(pl.col("a_id").alias("id")),
+        "b": tombstones.filter(pl.col("deleted_side") == "a").select(pl.col("b_id").alias("id")),
+    }
+    if not options.propagate_deletes:
+        deletes = {s: d.clear() for s, d in deletes.items()}
+    linked = live.filter(~a_gone & ~b_gone).with_columns(pl.lit(False).alias("new_link"))
+
+    # -- linking by merge criteria --------------------------------------------------------------
+    ua = a.join(links.select("a_id"), on="a_id", how="anti").filter(~pl.col("a.deleted"))
+    ub = b.join(links.select("b_id"), on="b_id", how="anti").filter(~pl.col("b.deleted"))
+    candidates = _candidates(mapping, ua, ub, pending_creates)
+    a_count = candidates.group_by("a_id").agg(pl.col("b_id").n_unique().alias("n"))
+    b_count = candidates.group_by("b_id").agg(pl.col("a_id").n_unique().alias("n"))
+    matched = candidates.join(a_count.filter(pl.col("n") == 1).select("a_id"), on="a_id").join(
+        b_count.filter(pl.col("n") == 1).select("b_id"), on="b_id"
+    )
+    ambiguous = pl.concat(
+        [
+            candidates.join(matched, on="a_id", how="anti")
+            .join(a_count, on="a_id")
+            .group_by("a_id")
+            .agg(pl.col("n").first())
+            .select(
+                pl.lit("a").alias("side"),
+                pl.col("a_id").alias("id"),
+                pl.col("n").alias("candidates"),
+            ),
+            candidates.join(matched, on="b_id", how="anti")
+            .join(b_count, on="b_id")
+            .group_by("b_id")
+            .agg(pl.col("n").first())
+            .select(
+                pl.lit("b").alias("side"),
+                pl.col("b_id").alias("id"),
+                pl.col("n").alias("candidates"),
+            ),
+        ]
+    ).sort("side", "id")
+    new_links = (
+        matched.join(ua, on="a_id")
+        .join(ub, on="b_id")
+        .with_columns(
+            pl.lit(False).alias("tombstoned"),
+            pl.lit(False).alias("has_base"),
+            pl.lit(True).alias("new_link"),
+            *[pl.lit(None, dtype=links.schema[f"base.{c}"]).alias(f"base.{c}") for c in cols],
+        )
+    )
+    pairs = pl.concat([linked, new_links.select(linked.columns)], how="vertical_relaxed")
+
+    # -- creates --------------------------------------------------------------------------------
+    touched_a = candidates.select("a_id").unique()
+    touched_b = candidates.select("b_id").unique()
+    create_b = ua.join(touched_a, on="a_id", how="anti")
+    create_a = ub.join(touched_b, on="b_id", how="anti")
+    if options.mode == "limited" and options.enabled_at is not None:
+        create_b = create_b.filter(pl.col("a.created") >= options.enabled_at)
+        create_a = create_a.filter(pl.col("b.created") >= options.enabled_at)
+
+    # -- failed and deferred records --------------------------------------------------------------
+    failed = pl.concat(
+        [
+            a.filter(pl.col("a.error").is_not_null() & ~pl.col("a.deleted")).select(
+                pl.lit("a").alias("side"),
+                pl.col("a_id").alias("id"),
+                pl.col("a.error").alias("reason"),
+            ),
+            b.filter(pl.col("b.error").is_not_null() & ~pl.col("b.deleted")).select(
+                pl.lit("b").alias("side"),
+                pl.col("b_id").alias("id"),
+                pl.col("b.error").alias("reason"),
+            ),
+        ]
+    )
+    bad_pair = pl.col("a.error").is_not_null() | pl.col("b.error").is_not_null()
+    waiting = pl.col("a.unresolved") | pl.col("b.unresolved")
+    deferred = pl.concat(
+        [
+            pairs.filter(waiting & ~bad_pair).select(
+                pl.lit("b").alias("side"),
+                pl.col("b_id").alias("id"),
+                pl.lit("reference not linked yet").alias("reason"),
+            ),
+            create_a.filter(pl.col("b.unresolved")).select(
+                pl.lit("b").alias("side"),
+                pl.col("b_id").alias("id"),
+                pl.lit("reference not linked yet").alias("reason"),
+            ),
+        ]
+    )
+    pairs = pairs.filter(~bad_pair & ~waiting)
+    create_b = create_b.filter(pl.col("a.error").is_null())
+    create_a = create_a.filter(pl.col("b.error").is_null() & ~pl.col("b.unresolved"))
+
+    # -- three-way merge ---------------------------------------------------------------------------
+    pairs = pairs.with_columns(_merge_exprs(cols, options.priority))
+    conflicts = pl.concat(
+        [
+            pairs.filter(pl.col(f"conflict.{c}")).select(
+                "a_id",
+                "b_id",
+                pl.lit(c).alias("field"),
+                pl.col(f"a.{c}").cast(pl.String).alias("a_value"),
+                pl.col(f"b.{c}").cast(pl.String).alias("b_value"),
+                pl.when(pl.col(f"final.{c}").eq_missing(pl.col(f"a.{c}")))
+                .then(pl.lit("a"))
+                .otherwise(pl.lit("b"))
+                .alias("winner"),
+            )
+            for c in cols
+        ]
+        or [_empty_ids("a_id", "b_id", "field", "a_value", "b_value", "winner")]
+    )
+    differs = {
+        side: pl.any_horizontal(
+            [~pl.col(f"final.{c}").eq_missing(pl.col(f"{side}.{c}")) for c in cols]
+        )
+        if cols
+        else pl.lit(False)
+        for side in SIDES
+    }
+    rebase = (
+        pl.any_horizontal([~pl.col(f"final.{c}").eq_missing(pl.col(f"base.{c}")) for c in cols])
+        if cols
+        else pl.lit(False)
+    )
+    pairs = pairs.with_columns(
+        differs["a"].alias("write_a"),
+        differs["b"].alias("write_b"),
+        (rebase | pl.col("new_link") | ~pl.col("has_base")).alias("rebase"),
+    ).filter(pl.col("write_a") | pl.col("write_b") | pl.col("rebase"))
+    pairs = pairs.select(
+        "a_id",
+        "b_id",
+        "new_link",
+        "write_a",
+        "write_b",
+        pl.col("a.version").alias("a_version"),
+        pl.col("b.version").alias("b_version"),
+        *[pl.col(f"{s}.{c}") for s in ("a", "b", "final") for c in cols],
+    )
+
+    linked_count = {"a": live.height, "b": live.height}
+    plan = Plan(
+        flow=mapping.name,
+        columns=cols,
+        pairs=pairs,
+        creates={"a": _creates(create_a, "b", cols), "b": _creates(create_b, "a", cols)},
+        conflicts=conflicts,
+        ambiguous=ambiguous,
+        tombstones=tombstones,
+        deletes=deletes,
+        deferred=deferred,
+        failed=failed,
+        read_only=options.mode == "read_only",
+    )
+    plan.counts = plan_counts(plan)
+    plan.blocked = _breaker(plan, linked_count, options)
+    return plan
+
+
+def _candidates(
+    mapping: FlowMapping, ua: pl.DataFrame, ub: pl.DataFrame, pending: pl.DataFrame | None
+) -> pl.DataFrame:
+    """(a_id, b_id) pairs of unlinked live records that match on any merge criterion."""
+    parts = [
+        ua.select("a_id", pl.col(f"a.key{i}").alias("key"))
+        .drop_nulls("key")
+        .join(ub.select("b_id", pl.col(f"b.key{i}").alias("key")).drop_nulls("key"), on="key")
+        .select("a_id", "b_id")
+        for i in range(len(mapping.merge))
+    ]
+    if pending is not None and pending.height and mapping.names:
+        # a create whose answer was lost: find what it made by all its mapped values
+        names = mapping.names
+        for side in SIDES:  # the side the create went to
+            source_id = f"{other(side)}_id"
+            ids = pending.filter(pl.col("side") == side).select(
+                pl.col("source_id").alias(source_id)
+            )
+            if not ids.height:
+                continue
+            mine_a = ua.join(ids, on="a_id") if side == "b" else ua
+            mine_b = ub.join(ids, on="b_id") if side == "a" else ub
+            values_a = mine_a.select("a_id", *[pl.col(f"a.{c}").alias(c) for c in names])
+            values_b = mine_b.select("b_id", *[pl.col(f"b.{c}").alias(c) for c in names])
+            parts.append(values_a.join(values_b, on=names, nulls_equal=True).select("a_id", "b_id"))
+    if not parts:
+        return _empty_ids("a_id", "b_id")
+    return pl.concat(parts).unique()
+
+
+def _merge_exprs(cols: list[str], priority: str) -> list[pl.Expr]:
+    """Per column: the merged value and whether both sides changed it differently."""
+    a_newer = pl.col("a.modified") > pl.col("b.modified")
+    b_newer = pl.col("b.modified") > pl.col("a.modified")
+    exprs = []
+    for c in cols:
+        a, b, base = pl.col(f"a.{c}"), pl.col(f"b.{c}"), pl.col(f"base.{c}")
+        prio = a if priority == "a" else b
+        by_time = pl.when(a_newer).then(a).when(b_newer).then(b).otherwise(prio)
+        a_changed = ~a.eq_missing(base)
+        b_changed = ~b.eq_missing(base)
+        with_base = (
+            pl.when(~a_changed)
+            .then(b)
+            .when(~b_changed)
+            .then(a)
+            .when(a.eq_missing(b))
+            .then(a)
+            .otherwise(by_time)
+        )
+        first_link = (
+            pl.when(a.eq_missing(b))
+            .then(a)
+            .when(a.is_null())
+            .then(b)
+            .when(b.is_null())
+            .then(a)
+            .otherwise(by_time)
+        )
+        exprs.append(
+            pl.when(pl.col("has_base")).then(with_base).otherwise(first_link).alias(f"final.{c}")
+        )
+        conflict_with_base = a_changed & b_changed & ~a.eq_missing(b)
+        conflict_first = a.is_not_null() & b.is_not_null() & ~a.eq_missing(b)
+        exprs.append(
+            pl.when(pl.col("has_base"))
+            .then(conflict_with_base)
+            .otherwise(conflict_first)
+            .alias(f"conflict.{c}")
+        )
+    return exprs
+
+
+def _creates(frame: pl.DataFrame, from_side: str, cols: list[str]) -> pl.DataFrame:
+    """Records to create on the other side: source id, source version, canonical values."""
+    return frame.select(
+        pl.col(f"{from_side}_id").alias("source_id"),
+        *[pl.col(f"{from_side}.{c}").alias(c) for c in cols],
+    )
+
+
+def plan_counts(plan: Plan) -> dict[str, int]:
+    """The numbers an operator reads first."""
+    p = plan.pairs
+    return {
+        "links_new": p.filter(pl.col("new_link")).height,
+        "updates_a": p.filter(pl.col("write_a")).height,
+        "updates_b": p.filter(pl.col("write_b")).height,
+        "creates_a": plan.creates["a"].height,
+        "creates_b": plan.creates["b"].height,
+        "conflicts": plan.conflicts.height,
+        "ambiguous": plan.ambiguous.height,
+        "tombstones": plan.tombstones.height,
+        "deletes_a": plan.deletes["a"].height,
+        "deletes_b": plan.deletes["b"].height,
+        "deferred": plan.deferred.height,
+        "failed": plan.failed.height,
+    }
+
+
+def _breaker(plan: Plan, linked: dict[str, int], options: ReconcileOptions) -> str | None:
+    """Why the plan must not be written (too many updates or deletes on one side), if so."""
+    if options.force:
+        return None
+    for side in SIDES:
+        total = linked[side]
+        touched = plan.counts[f"updates_{side}"] + plan.counts[f"deletes_{side}"]
+        if total >= options.breaker_min_links and touched > options.max_update_share * total:
+            return (
+                f"circuit breaker: {touched} of {total} linked records on side {side} would change "
+                f"(limit {options.max_update_share:.0%}); run with force to write anyway"
+            )
+    return None

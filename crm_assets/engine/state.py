@@ -1,0 +1,452 @@
+"""The sync state database: links with their base values, create intents, dead letters,
+audit log, flow settings and cursors, through SQLAlchemy Core.
+
+SQLite by default, PostgreSQL by URL. Every write is one transaction. Base
+values are stored per link as JSON and decoded for a whole flow at once by
+polars, so loading a million links stays a single query and a vectorized decode.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", metadata, sa.Column("version", sa.Integer, primary_key=True)
+)
+
+flows = sa.Table(
+    "flows",
+    metadata,
+    sa.Column("flow", sa.String(200), primary_key=True),
+    sa.Column("enabled_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+links = sa.Table(
+    "links",
+    metadata,
+    sa.Column("flow", sa.String(200), primary_key=True),
+    sa.Column("a_id", sa.String(200), primary_key=True),
+    sa.Column("b_id", sa.String(200), nullable=False),
+    sa.Column("tombstoned", sa.Boolean, nullable=False, default=False),
+    sa.Column("base", sa.Text, nullable=True),  # JSON of canonical values; null: no base yet
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("flow", "b_id", name="uq_links_flow_b"),
+)
+
+intents = sa.Table(
+    "intents",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("flow", sa.String(200), nullable=False),
+    sa.Column("side", sa.String(1), nullable=False),  # where the record is created
+    sa.Column("source_id", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | done
+    sa.Column("result_id", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_intents_pending", "flow", "side", "source_id", "status"),
+)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("flow", sa.String(200), primary_key=True),
+    sa.Column("side", sa.String(1), primary_key=True),  # the side written to
+    sa.Column("record_id", sa.String(200), primary_key=True),
+    sa.Column("action", sa.String(16), primary_key=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("first_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("flow", sa.String(200), nullable=False),
+    sa.Column(
+        "kind", sa.String(16), nullable=False
+    ),  # create | update | delete | conflict | link | tombstone
+    sa.Column("side", sa.String(1), nullable=True),  # the side written to
+    sa.Column("a_id", sa.String(200), nullable=True),
+    sa.Column("b_id", sa.String(200), nullable=True),
+    sa.Column("field", sa.String(200), nullable=True),
+    sa.Column("old_value", sa.Text, nullable=True),
+    sa.Column("new_value", sa.Text, nullable=True),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Index("ix_audit_flow_ids", "flow", "a_id"),
+)
+
+cursors = sa.Table(
+    "cursors",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+class SyncState:
+    """The state of every flow, in one SQL database."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Create the schema, or bring an older one up to date."""
+        with self.engine.begin() as conn:
+            metadata.create_all(conn)
+            found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+            if found is None:
+                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+            elif found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"state database schema {found} is newer than this program ({SCHEMA_VERSION})"
+                )
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def _upsert(
+        self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], keys: Sequence[str]
+    ) -> None:
+        if not rows:
+            return
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        for start in range(0, len(rows), 5000):
+            chunk = rows[start : start + 5000]
+            stmt = dialect.insert(table).values(chunk)
+            update = {c: stmt.excluded[c] for c in chunk[0] if c not in keys}
+            conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
+
+    # -- flows ---------------------------------------------------------------------------
+    def enabled_at(self, flow: str) -> datetime:
+        """When the flow was first synced (``limited`` mode creates only what is newer)."""
+        with self.engine.begin() as conn:
+            found = conn.execute(sa.select(flows.c.enabled_at).where(flows.c.flow == flow)).scalar()
+            if found is None:
+                found = now()
+                conn.execute(flows.insert().values(flow=flow, enabled_at=found))
+        return found if found.tzinfo else found.replace(tzinfo=UTC)
+
+    # -- links -----------------------------------------------------------------------------
+    def links(self, flow: str, columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
+        """Every link of a flow: ``a_id, b_id, tombstoned, has_base, base.<column>``."""
+        query = sa.select(links.c.a_id, links.c.b_id, links.c.tombstoned, links.c.base).where(
+            links.c.flow == flow
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pl.DataFrame(
+            rows,
+            schema={
+                "a_id": pl.String,
+                "b_id": pl.String,
+                "tombstoned": pl.Boolean,
+                "base": pl.String,
+            },
+            orient="row",
+        )
+        struct = pl.Struct({name: dtype for name, dtype in columns.items()})
+        decoded = frame.with_columns(
+            pl.col("base").is_not_null().alias("has_base"),
+            pl.col("base").str.json_decode(struct).alias("__base")
+            if columns
+            else pl.lit(None).alias("__base"),
+        )
+        return decoded.select(
+            "a_id",
+            "b_id",
+            "tombstoned",
+            "has_base",
+            *[
+                pl.col("__base").struct.field(name).cast(dtype).alias(f"base.{name}")
+                for name, dtype in columns.items()
+            ],
+        )
+
+    def live_links(self, flow: str) -> pl.DataFrame:
+        """``a_id, b_id`` of a flow's links that are not tombstoned (for references)."""
+        query = sa.select(links.c.a_id, links.c.b_id).where(
+            links.c.flow == flow, ~links.c.tombstoned
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return pl.DataFrame(rows, schema={"a_id": pl.String, "b_id": pl.String}, orient="row")
+
+    def save_links(
+        self, flow: str, rows: Iterable[tuple[str, str, Mapping[str, Any] | None]], run_id: str
+    ) -> None:
+        """Link ``(a_id, b_id)`` pairs with their base values (one transaction)."""
+        at = now()
+        payload = [
+            {
+                "flow": flow,
+                "a_id": a_id,
+                "b_id": b_id,
+                "tombstoned": False,
+                "base": None
+                if base is None
+                else json.dumps({k: _json(v) for k, v in base.items()}),
+                "updated_at": at,
+            }
+            for a_id, b_id, base in rows
+        ]
+        with self.engine.begin() as conn:
+            self._upsert(conn, links, payload, ("flow", "a_id"))
+
+    def tombstone(self, flow: str, pairs: Iterable[tuple[str, str]], run_id: str) -> int:
+        pairs = list(pairs)
+        with self.engine.begin() as conn:
+            for a_id, _b_id in pairs:
+                conn.execute(
+                    links.update()
+                    .where(links.c.flow == flow, links.c.a_id == a_id)
+                    .values(tombstoned=True, updated_at=now())
+                )
+            self._audit(
+                conn, run_id, flow, [{"kind": "tombstone", "a_id": a, "b_id": b} for a, b in pairs]
+            )
+        return len(pairs)
+
+    # -- create intents ------------------------------------------------------------------
+    def begin_creates(self, flow: str, side: str, source_ids: Sequence[str]) -> dict[str, str]:
+        """An intent key per record to create, stored before any call (reused if pending)."""
+        pending = self.pending_creates(flow)
+        known = {
+            row["source_id"]: row["key"]
+            for row in pending.filter(pl.col("side") == side).iter_rows(named=True)
+        }
+        fresh = {sid: uuid.uuid4().hex for sid in source_ids if sid not in known}
+        with self.engine.begin() as conn:
+            if fresh:
+                conn.execute(
+                    intents.insert(),
+                    [
+                        {
+                            "key": key,
+                            "flow": flow,
+                            "side": side,
+                            "source_id": sid,
+                            "status": "pending",
+                            "created_at": now(),
+                        }
+                        for sid, key in fresh.items()
+                    ],
+                )
+        return {sid: known.get(sid) or fresh[sid] for sid in source_ids}
+
+    def pending_creates(self, flow: str) -> pl.DataFrame:
+        """``side, source_id, key`` of creates not known to have landed."""
+        query = sa.select(intents.c.side, intents.c.source_id, intents.c.key).where(
+            intents.c.flow == flow, intents.c.status == "pending"
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return pl.DataFrame(
+            rows, schema={"side": pl.String, "source_id": pl.String, "key": pl.String}, orient="row"
+        )
+
+    def finish_creates(
+        self,
+        flow: str,
+        side: str,
+        created: Sequence[tuple[str, str, str, Mapping[str, Any]]],
+        run_id: str,
+    ) -> None:
+        """Creates the CRM confirmed: ``(intent key, source id, new id, values)``; link them."""
+        if not created:
+            return
+        at = now()
+        link_rows = []
+        for _key, source_id, new_id, values in created:
+            a_id, b_id = (source_id, new_id) if side == "b" else (new_id, source_id)
+            link_rows.append(
+                {
+                    "flow": flow,
+                    "a_id": a_id,
+                    "b_id": b_id,
+                    "tombstoned": False,
+                    "base": json.dumps({k: _json(v) for k, v in values.items()}),
+                    "updated_at": at,
+                }
+            )
+        with self.engine.begin() as conn:
+            self._upsert(conn, links, link_rows, ("flow", "a_id"))
+            for key, _sid, new_id, _values in created:
+                conn.execute(
+                    intents.update()
+                    .where(intents.c.key == key)
+                    .values(status="done", result_id=new_id)
+                )
+            self._audit(
+                conn,
+                run_id,
+                flow,
+                [
+                    {
+                        "kind": "create",
+                        "side": side,
+                        "a_id": r["a_id"],
+                        "b_id": r["b_id"],
+                        "new_value": r["base"],
+                    }
+                    for r in link_rows
+                ],
+            )
+
+    def settle_intents(self, flow: str) -> int:
+        """Pending intents whose source record is now linked have landed (found by lookup)."""
+        with self.engine.begin() as conn:
+            linked_a = sa.select(links.c.a_id).where(links.c.flow == flow)
+            linked_b = sa.select(links.c.b_id).where(links.c.flow == flow)
+            done = conn.execute(
+                intents.update()
+                .where(
+                    intents.c.flow == flow,
+                    intents.c.status == "pending",
+                    sa.or_(
+                        sa.and_(intents.c.side == "b", intents.c.source_id.in_(linked_a)),
+                        sa.and_(intents.c.side == "a", intents.c.source_id.in_(linked_b)),
+                    ),
+                )
+                .values(status="done")
+            )
+        return done.rowcount or 0
+
+    # -- dead letters ------------------------------------------------------------------------
+    def dead_letter(self, flow: str, failures: Iterable[tuple[str, str, str, str]]) -> None:
+        """Per-record failures ``(side, record id, action, message)``: counted, kept for retry."""
+        failures = list(failures)
+        if not failures:
+            return
+        at = now()
+        with self.engine.begin() as conn:
+            for side, record_id, action, message in failures:
+                key = (
+                    (dead_letters.c.flow == flow)
+                    & (dead_letters.c.side == side)
+                    & (dead_letters.c.record_id == record_id)
+                    & (dead_letters.c.action == action)
+                )
+                updated = conn.execute(
+                    dead_letters.update()
+                    .where(key)
+                    .values(
+                        attempts=dead_letters.c.attempts + 1, message=message[:4000], last_at=at
+                    )
+                )
+                if not updated.rowcount:
+                    conn.execute(
+                        dead_letters.insert().values(
+                            flow=flow,
+                            side=side,
+                            record_id=record_id,
+                            action=action,
+                            attempts=1,
+                            message=message[:4000],
+                            first_at=at,
+                            last_at=at,
+                        )
+                    )
+
+    def resolve_dead_letters(self, flow: str, side: str, record_ids: Iterable[str]) -> None:
+        ids = list(record_ids)
+        with self.engine.begin() as conn:
+            for start in range(0, len(ids), 500):
+                conn.execute(
+                    dead_letters.delete().where(
+                        dead_letters.c.flow == flow,
+                        dead_letters.c.side == side,
+                        dead_letters.c.record_id.in_(ids[start : start + 500]),
+                    )
+                )
+
+    def dead_letters(self, flow: str | None = None) -> pl.DataFrame:
+        query = sa.select(dead_letters)
+        if flow is not None:
+            query = query.where(dead_letters.c.flow == flow)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        schema = {
+            "flow": pl.String,
+            "side": pl.String,
+            "record_id": pl.String,
+            "action": pl.String,
+            "attempts": pl.Int64,
+            "message": pl.String,
+        }
+        return pl.DataFrame([{k: r[k] for k in schema} for r in rows], schema=schema)
+
+    # -- audit -------------------------------------------------------------------------------
+    def record_audit(self, run_id: str, flow: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            self._audit(conn, run_id, flow, rows)
+
+    def _audit(
+        self, conn: sa.Connection, run_id: str, flow: str, rows: Iterable[Mapping[str, Any]]
+    ) -> None:
+        at = now()
+        payload = [{"at": at, "run_id": run_id, "flow": flow, **row} for row in rows]
+        if payload:
+            columns = {c.name for c in audit.columns}
+            conn.execute(
+                audit.insert(), [{c: row.get(c) for c in columns if c != "seq"} for row in payload]
+            )
+
+    def audit_log(self, flow: str | None = None) -> pl.DataFrame:
+        query = sa.select(audit).order_by(audit.c.seq)
+        if flow is not None:
+            query = query.where(audit.c.flow == flow)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        names = [c.name for c in audit.columns if c.name not in ("at", "seq")]
+        return pl.DataFrame(
+            [{k: r[k] for k in names} for r in rows], schema=dict.fromkeys(names, pl.String)
+        )
+
+    # -- cursors -------------------------------------------------------------------------------
+    def cursor(self, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(cursors.c.value).where(cursors.c.name == name)).scalar()
+
+    def set_cursor(self, name: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            self._upsert(conn, cursors, [{"name": name, "value": value}], ("name",))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
