@@ -39,6 +39,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from crm_assets.headless import run_sync
+
+    return run_sync(
+        flow=args.flow, dry_run=args.dry_run, full_rescan=args.full_rescan, force=args.force
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from crm_assets.demo import run_demo
 
@@ -62,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rate-limit", type=float, default=None, help="requests per second")
     serve.add_argument("--faults", action="store_true", help="enable /_admin fault injection")
     serve.set_defaults(run=_serve)
+
+    sync = sub.add_parser("sync", help="snapshot, plan and write, in-process, then summarize")
+    sync.add_argument("--flow", help="only this flow (e.g. contact_to_contacts); default: all")
+    sync.add_argument("--dry-run", action="store_true", help="plan only, write nothing")
+    sync.add_argument(
+        "--full-rescan", action="store_true", help="re-read everything (finds hard deletes)"
+    )
+    sync.add_argument("--force", action="store_true", help="write even past the circuit breaker")
+    sync.set_defaults(run=_sync)
 
     demo = sub.add_parser("demo", help="both embedded CRMs, seeded, plus the Dagster UI")
     demo.add_argument("--seed", type=int, default=500, help="demo records per object")

@@ -9,8 +9,10 @@ import dagster as dg
 from crm_assets.defs.flows import build_flow_assets
 from crm_assets.defs.resources import build_resources
 from crm_assets.defs.snapshots import build_snapshot_assets
+from crm_assets.defs.sync_assets import build_sync_assets
 from crm_assets.engine.document import read_document
 from crm_assets.settings import DEFAULTS, Settings
+from crm_assets.sync import flow_mappings
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -20,12 +22,35 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         if default:
             os.environ.setdefault(name, default)
     document = read_document(settings.spec_path)
+    mappings = flow_mappings(document)
+    by_name = {m.name: m for m in mappings}
+    sync_assets = [
+        asset
+        for m in mappings
+        for asset in build_sync_assets(m, [by_name[r] for r in m.references])
+    ]
+    jobs = [
+        dg.define_asset_job(
+            f"sync_{m.name}",
+            selection=dg.AssetSelection.groups(m.name)
+            | dg.AssetSelection.assets(m.a.asset_path, m.b.asset_path),
+            description=f"Snapshot both sides and sync '{m.title}'.",
+        )
+        for m in mappings
+    ]
+    jobs.append(
+        dg.define_asset_job(
+            "sync_all", selection=dg.AssetSelection.all(), description="Every flow."
+        )
+    )
     return dg.Definitions(
         assets=[
             *build_snapshot_assets(document),
             *build_flow_assets(document, settings.data_dir),
+            *sync_assets,
         ],
-        resources=build_resources(settings.data_dir),
+        jobs=jobs,
+        resources=build_resources(settings.data_dir, settings.state_url),
     )
 
 

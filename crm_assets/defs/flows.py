@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -23,7 +24,7 @@ def flow_digest(flow: Flow) -> str:
     return hashlib.sha256(text).hexdigest()[:12]
 
 
-def flow_metadata(flow: Flow) -> dict[str, dg.RawMetadataValue]:
+def flow_metadata(flow: Flow) -> dict[str, Any]:
     """The flow's title, systems and rows, as the UI shows them."""
     rows = [
         dg.TableRecord(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +11,7 @@ from pydantic import Field
 from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.engine.snapshot import SnapshotStore
+from crm_assets.engine.state import SyncState
 
 
 class CustomCrmResource(dg.ConfigurableResource):
@@ -38,9 +40,17 @@ class CrmOfficeResource(dg.ConfigurableResource):
 
 
 class SyncStorage(dg.ConfigurableResource):
-    """Where the project keeps snapshots and reports (``CRM_SYNC_DATA_DIR``)."""
+    """Where the project keeps snapshots, plans and reports (``CRM_SYNC_DATA_DIR``) and
+    its state database (``CRM_SYNC_STATE_URL``)."""
 
     data_dir: str
+    state_url: str
+
+    def state(self) -> SyncState:
+        return SyncState(self.state_url)
+
+    def flow_dir(self, flow: str) -> Path:
+        return self.root / "flows" / flow
 
     @property
     def root(self) -> Path:
@@ -50,7 +60,7 @@ class SyncStorage(dg.ConfigurableResource):
         return SnapshotStore(self.root / "snapshots")
 
 
-def build_resources(data_dir: Path) -> dict[str, dg.ConfigurableResource]:
+def build_resources(data_dir: Path, state_url: str) -> dict[str, dg.ConfigurableResource]:
     """The resources, reading every credential through ``EnvVar``."""
     return {
         "custom_crm": CustomCrmResource(
@@ -61,5 +71,11 @@ def build_resources(data_dir: Path) -> dict[str, dg.ConfigurableResource]:
             client_id=dg.EnvVar("CRM_OFFICE_CLIENT_ID"),
             client_secret=dg.EnvVar("CRM_OFFICE_CLIENT_SECRET"),
         ),
-        "storage": SyncStorage(data_dir=str(data_dir)),
+        # a URL from the environment may hold a password: pass it as EnvVar, never as text
+        "storage": SyncStorage(
+            data_dir=str(data_dir),
+            state_url=dg.EnvVar("CRM_SYNC_STATE_URL")
+            if os.environ.get("CRM_SYNC_STATE_URL")
+            else state_url,
+        ),
     }
