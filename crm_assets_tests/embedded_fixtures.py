@@ -46,7 +46,10 @@ def make_credentials(system: str) -> dict[str, str]:
     """Fresh credentials per service (never the demo defaults, so a mix-up shows)."""
     if system == "custom-crm":
         return {"api_key": f"test-key-{secrets.token_hex(8)}"}
-    return {"client_id": f"test-client-{secrets.token_hex(4)}", "client_secret": secrets.token_hex(16)}
+    return {
+        "client_id": f"test-client-{secrets.token_hex(4)}",
+        "client_secret": secrets.token_hex(16),
+    }
 
 
 @dataclass
