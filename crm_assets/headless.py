@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -42,47 +43,80 @@ def op_name(key: dg.AssetKey) -> str:
     return "__".join(key.path)
 
 
-def run_sync(
-    flow: str | None = None, dry_run: bool = False, full_rescan: bool = False, force: bool = False
-) -> int:
-    """Materialize one flow (or all) and print a summary; 0 when the run succeeded."""
-    defs = build_definitions(Settings.from_env())
+@dataclass
+class SyncOutcome:
+    """What one in-process sync did: success, metadata per asset, failed steps."""
+
+    success: bool
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def of(self, asset: str) -> dict[str, Any]:
+        return self.metadata.get(asset, {})
+
+
+def execute_sync(
+    flow: str | None = None,
+    dry_run: bool = False,
+    full_rescan: bool = False,
+    force: bool = False,
+    settings: Settings | None = None,
+) -> SyncOutcome:
+    """Materialize one flow (or all) in-process against the configured CRMs."""
+    defs = build_definitions(settings or Settings.from_env())
     job_name = f"sync_{flow}" if flow else "sync_all"
-    try:
-        job = defs.resolve_job_def(job_name)
-    except Exception:  # dagster raises its own error type for unknown jobs
-        names = sorted(j.name for j in defs.resolve_all_job_defs() if j.name.startswith("sync_"))
-        print(f"error: no flow {flow!r}; jobs: {', '.join(names)}", file=sys.stderr)
-        return 2
-    graph = defs.resolve_asset_graph()
+    names = {j.name for j in defs.resolve_all_job_defs()}
+    if job_name not in names:
+        known = ", ".join(sorted(n.removeprefix("sync_") for n in names if n.startswith("sync_")))
+        raise KeyError(f"no flow {flow!r} (flows: {known})")
+    job = defs.resolve_job_def(job_name)
+    in_job = {node.name for node in job.graph.node_defs}
     ops: dict[str, Any] = {}
-    for key in graph.get_all_asset_keys():
+    for key in defs.resolve_asset_graph().get_all_asset_keys():
+        name = op_name(key)
+        if name not in in_job:
+            continue
         if key.path[-1] == "reconciled":
-            ops[op_name(key)] = {"config": {"dry_run": dry_run, "force": force}}
+            ops[name] = {"config": {"dry_run": dry_run, "force": force}}
         elif key.path[0] in ("custom_crm", "crm_office"):
-            ops[op_name(key)] = {"config": {"full_rescan": full_rescan}}
+            ops[name] = {"config": {"full_rescan": full_rescan}}
     instance = (
         dg.DagsterInstance.get()
         if os.environ.get("DAGSTER_HOME")
         else dg.DagsterInstance.ephemeral()
     )
-    selected = {op for op in ops if op in {n.name for n in job.graph.node_defs}} or None
-    run_config = {"ops": {k: v for k, v in ops.items() if selected is None or k in selected}}
-    result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+    result = job.execute_in_process(
+        run_config={"ops": ops}, instance=instance, raise_on_error=False
+    )
+    outcome = SyncOutcome(success=result.success)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization  # type: ignore[union-attr]
-        assert mat is not None
-        shown = {k: v.value for k, v in mat.metadata.items() if k in SUMMARY_KEYS}
+        outcome.metadata[mat.asset_key.to_user_string()] = {
+            k: v.value for k, v in mat.metadata.items()
+        }
+    for event in result.all_events:
+        if event.is_failure and event.step_key:
+            err = event.event_specific_data.error if event.event_specific_data else None  # type: ignore[union-attr]
+            lines = (getattr(err, "message", "") or "").strip().splitlines()
+            outcome.failures.append(
+                f"{event.step_key}: {lines[-1] if lines else 'see the run log'}"
+            )
+    return outcome
+
+
+def run_sync(
+    flow: str | None = None, dry_run: bool = False, full_rescan: bool = False, force: bool = False
+) -> int:
+    """``crm-assets sync``: run and print a summary; 0 when the run succeeded."""
+    try:
+        outcome = execute_sync(flow, dry_run, full_rescan, force)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    for asset, metadata in outcome.metadata.items():
+        shown = {k: v for k, v in metadata.items() if k in SUMMARY_KEYS}
         parts = ", ".join(f"{k.removeprefix('dagster/')}={v}" for k, v in shown.items())
-        print(f"{mat.asset_key.to_user_string():45s} {parts}")
-    if not result.success:
-        for event in result.all_events:
-            if event.is_failure and event.step_key:
-                err = event.event_specific_data.error if event.event_specific_data else None
-                message = getattr(err, "message", "").strip().splitlines()
-                print(
-                    f"FAILED {event.step_key}: {message[-1] if message else 'see the run log'}",
-                    file=sys.stderr,
-                )
-        return 1
-    return 0
+        print(f"{asset:45s} {parts}".rstrip())
+    for failure in outcome.failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 0 if outcome.success else 1

@@ -25,6 +25,7 @@ import polars as pl
 
 from crm_assets.crm_office.client import BATCH_SIZE, CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
+from crm_assets.engine.checks import disagreements, linked_pairs, unlinked
 from crm_assets.engine.document import DataflowDocument
 from crm_assets.engine.mapping import FlowMapping, build_flow_mapping, map_side, to_side
 from crm_assets.engine.reconcile import Plan, ReconcileOptions, reconcile_flow
@@ -213,7 +214,7 @@ class FlowWriter:
         self._finalize_bases(confirmed, confirmed_other, first)
         self._creates(plan.creates[self.side])
         self._deletes(plan.deletes[self.side])
-        self.result.deferred = plan.deferred.filter(pl.col("side") == self.side).height
+        self.result.deferred += plan.deferred.filter(pl.col("side") == self.side).height
         self.result.unchanged = plan.pairs.filter(~pl.col(f"write_{self.side}")).height
         self.result.conflicts = plan.conflicts.height if first else 0
         if self.result.failures:
@@ -617,3 +618,27 @@ def _int(value: Any) -> int | None:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class FlowVerification:
+    """What the two CRMs hold for one flow, checked after the writes."""
+
+    flow: str
+    linked: int
+    disagreements: pl.DataFrame
+    unlinked_a: pl.DataFrame
+    unlinked_b: pl.DataFrame
+
+
+def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) -> FlowVerification:
+    """Compare both sides of every link from the stored snapshots (take them after writing)."""
+    a, b = map_flow(mapping, store, state)
+    links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
+    return FlowVerification(
+        flow=mapping.name,
+        linked=linked_pairs(a, b, links),
+        disagreements=disagreements(mapping, a, b, links),
+        unlinked_a=unlinked(a, links, "a"),
+        unlinked_b=unlinked(b, links, "b"),
+    )

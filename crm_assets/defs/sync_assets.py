@@ -176,7 +176,13 @@ def _writes_asset(
             confirmed_other = set(pl.read_parquet(confirmed_path).get_column("a_id").to_list())
         with getattr(context.resources, system_key).client() as client:
             writer = FlowWriter(
-                mapping, plan, storage.state(), storage.snapshots(), client, side, context.run_id
+                mapping,
+                plan,
+                storage.state(),
+                storage.snapshots(),
+                client,
+                side,
+                context.run.run_id,
             )
             result, confirmed = writer.run(confirmed_other)
         if first:
