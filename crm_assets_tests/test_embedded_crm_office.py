@@ -16,6 +16,8 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
     crm_office_service,
     embedded_service_factory,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from crm_assets.embedded.seed import demo_records
 
@@ -414,3 +416,60 @@ def test_seeded_service_restart_keeps_data(embedded_service_factory: Factory) ->
         assert c.get(f"/contacts/{created['id']}").json() == created
         newer = _company(c)
         assert newer["id"] == str(1001 + 100) and newer["updatedAt"] > created["updatedAt"]
+
+
+# -- robustness: malformed input never gets a 5xx ---------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=300),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+COMPANY_KEYS = st.sampled_from(
+    ["name", "orgNr", "isActive", "description", "visitAddress", "postAddress", "id", "zz"]
+)
+CONTACT_KEYS = st.sampled_from(["givenName", "email", "company", "title", "rowVersion", "id"])
+
+
+def test_edge_inputs_are_4xx(crm_office_service: EmbeddedService) -> None:
+    with crm_office_service.client() as c:
+        assert "skip" in _errors(c.get("/companies", params={"skip": 10**20}))
+        assert c.get("/companies", params={"skip": 2**62}).json()["items"] == []
+        deep = c.post(
+            "/companies/batch", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+        )
+        assert "body" in _errors(deep)
+    url = f"{crm_office_service.base_url}/connect/token"
+    for headers in ({"Authorization": "Basic !!!"}, {"Authorization": b"Basic \xff"}):
+        response = httpx.post(url, data={"grant_type": "client_credentials"}, headers=headers)
+        assert response.status_code == 401
+    assert (
+        httpx.post(url, content=b"grant_type=client_credentials&client_id=\xff").status_code == 401
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    company=st.dictionaries(COMPANY_KEYS, JSON_VALUES, max_size=4),
+    contact=st.dictionaries(CONTACT_KEYS, JSON_VALUES, max_size=4),
+    update=st.lists(st.dictionaries(CONTACT_KEYS, JSON_VALUES, max_size=4), max_size=3),
+)
+def test_random_bodies_never_get_a_5xx(
+    _crm_office_process: EmbeddedService,
+    company: dict[str, Any],
+    contact: dict[str, Any],
+    update: list[dict[str, Any]],
+) -> None:
+    with _crm_office_process.client() as c:
+        assert c.post("/companies", json=company).status_code in (201, 422)
+        assert c.post("/contacts", json=contact).status_code in (201, 422)
+        assert c.put("/companies/1001", json=company).status_code in (200, 404, 422)
+        batch = c.post("/contacts/batch", json={"create": [contact], "update": update})
+        assert batch.status_code == 200, batch.text
+        assert {r["status"] for r in batch.json()["results"]} <= {200, 201, 404, 412, 422}

@@ -20,6 +20,8 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
     custom_crm_service,
     embedded_service_factory,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from crm_assets.embedded.seed import demo_records
 
@@ -494,3 +496,67 @@ def test_concurrent_idempotent_creates_make_one_record(custom_crm_service: Embed
     assert len(ids) == 1
     with custom_crm_service.client() as c:
         assert len(_all(c, "contacts")) == 1
+
+
+# -- robustness: malformed input never gets a 5xx ---------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=300),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+CONTACT_KEYS = st.sampled_from(["FirstName", "Email", "ProductId", "Title", "Id", "Version", "X"])
+PRODUCT_KEYS = st.sampled_from(["Name", "ProductNumber", "Active", "Description", "Url", "Zz"])
+
+
+def test_edge_inputs_are_4xx(custom_crm_service: EmbeddedService) -> None:
+    with custom_crm_service.client() as c:
+        deep = c.post(
+            "/api/contacts", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+        )
+        assert "body" in _errors(deep)
+        surrogate = c.post(
+            "/api/contacts",
+            content=b'{"FirstName": "\\ud800"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert "FirstName" in _errors(surrogate)
+        for since in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "\x00"):
+            assert "modifiedSince" in _errors(
+                c.get("/api/contacts", params={"modifiedSince": since})
+            )
+        for since in ("2024-01-01", "2024-01-01T00:00", "2024-01-01T00:00:00.5+01:00"):
+            assert c.get("/api/contacts", params={"modifiedSince": since}).status_code == 200
+        big = c.post("/api/products", json={"Name": "x", "ProductNumber": 10**30})
+        assert "ProductNumber" in _errors(big)
+        assert c.get("/api/contacts/" + "x" * 3000).status_code == 404
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    contact=st.dictionaries(CONTACT_KEYS, JSON_VALUES, max_size=4),
+    product=st.dictionaries(PRODUCT_KEYS, JSON_VALUES, max_size=4),
+    junk=st.binary(max_size=40),
+)
+def test_random_bodies_never_get_a_5xx(
+    _custom_crm_process: EmbeddedService,
+    contact: dict[str, Any],
+    product: dict[str, Any],
+    junk: bytes,
+) -> None:
+    with _custom_crm_process.client() as c:
+        for path, body in (("/api/contacts", contact), ("/api/products", product)):
+            response = c.post(path, json=body)
+            assert response.status_code in (201, 422), response.text
+            if response.status_code == 422:
+                assert all(e["field"] for e in response.json()["errors"])
+        raw = c.post("/api/products", content=junk, headers={"Content-Type": "application/json"})
+        assert raw.status_code in (201, 422)
+        patch = c.patch("/api/contacts/C-000001", json=contact)
+        assert patch.status_code in (200, 404, 422)

@@ -9,7 +9,6 @@ kept hashed, in memory and in SQLite, so a restart does not log clients out.
 # which are closure variables.
 
 import base64
-import binascii
 import hmac
 import json
 import secrets
@@ -354,7 +353,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
         updatedSince: Annotated[
             str | None, Query(description="RFC 3339; records updated at or after it")
         ] = None,
-        skip: Annotated[int, Query(ge=0)] = 0,
+        skip: Annotated[int, Query(ge=0, le=2**62)] = 0,
         take: Annotated[int, Query(ge=1, le=MAX_TAKE)] = DEFAULT_TAKE,
     ) -> Response:
         conditions = []
@@ -563,17 +562,14 @@ def _token_route(issuer: TokenIssuer) -> Callable[..., Any]:
     async def token(request: Request) -> JSONResponse:
         """OAuth2 client credentials (form body, or HTTP Basic for the client)."""
         raw = await request.body()
-        try:
-            form = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError:
-            form = {}
+        form = dict(parse_qsl(raw.decode("utf-8", errors="replace"), keep_blank_values=True))
         client_id, client_secret = form.get("client_id", ""), form.get("client_secret", "")
         basic = request.headers.get("authorization", "")
         if basic.lower().startswith("basic "):
             try:
                 decoded = base64.b64decode(basic[6:].strip()).decode("utf-8")
                 client_id, _, client_secret = decoded.partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII input
                 pass
         grant = form.get("grant_type")
         if grant is None:

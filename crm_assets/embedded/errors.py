@@ -141,6 +141,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # a body FastAPI could not parse beyond a JSON syntax error (e.g. nested too deep)
+            errors = [{"field": "body", "message": "malformed JSON: the body could not be parsed"}]
+            return JSONResponse(validation_error_body(errors), status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
             {"error": code, "message": str(exc.detail)},

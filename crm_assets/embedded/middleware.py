@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 import threading
@@ -26,6 +27,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Paths anyone may call: the API description and the OAuth2 token endpoint.
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ADMIN_PREFIX = "/_admin/"
+log = logging.getLogger("crm_assets.embedded")
 
 
 async def send_json(
@@ -229,6 +231,7 @@ class FaultMiddleware:
             return
         # Start a response and return without finishing it: uvicorn closes the connection,
         # the client gets a truncated answer / "server disconnected".
+        log.warning("injected fault: dropping the answer to %s %s", scope["method"], scope["path"])
         await send(
             {
                 "type": "http.response.start",

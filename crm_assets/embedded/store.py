@@ -43,7 +43,10 @@ def parse_rfc3339(value: str) -> str:
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    parsed = parsed.astimezone(UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date-time out of range") from None
     return parsed.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
