@@ -51,6 +51,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         ],
         jobs=jobs,
         resources=build_resources(settings.data_dir, settings.state_url),
+        # one process per run: a sync is a short chain of steps, and a subprocess per
+        # step would cost more than the steps themselves (edit-to-visible latency)
+        executor=dg.in_process_executor,
     )
 
 
