@@ -87,7 +87,9 @@ def test_token_flow_and_401s(crm_office_service: EmbeddedService) -> None:
     service = crm_office_service
     url = f"{service.base_url}/connect/token"
     spec = httpx.get(f"{service.base_url}/openapi.json").json()
-    assert {"/connect/token", "/contacts", "/companies/batch"} <= set(spec["paths"])
+    assert {"/connect/token", "/contacts", "/contacts/{id}", "/companies/batch"} <= set(
+        spec["paths"]
+    )
 
     for bad in (
         _token_form(service, client_secret="wrong"),

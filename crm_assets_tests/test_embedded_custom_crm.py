@@ -63,7 +63,7 @@ def test_openapi_is_public_and_everything_else_needs_the_key(
 ) -> None:
     base = custom_crm_service.base_url
     spec = httpx.get(f"{base}/openapi.json").json()
-    assert "/api/contacts" in spec["paths"] and "/api/products/{record_id}" in spec["paths"]
+    assert "/api/contacts" in spec["paths"] and "/api/products/{Id}" in spec["paths"]
     assert httpx.get(f"{base}/docs").status_code == 200
     wrong = {"Authorization": "Bearer not-the-key"}
     for method, path in [

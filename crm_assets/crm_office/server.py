@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import sqlalchemy as sa
-from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,6 +39,8 @@ from crm_assets.embedded.middleware import Faults
 from crm_assets.embedded.records import exists, fetch, insert, page_body, row_values, update
 from crm_assets.embedded.seed import OFFICE_COMPANY_START, OFFICE_CONTACT_START, office_id
 from crm_assets.embedded.store import Store, parse_rfc3339, token_hash
+
+RecordId = Annotated[str, Path(alias="id")]
 
 SYSTEM = "crm-office"
 OBJECTS = ("contacts", "companies")
@@ -227,7 +229,10 @@ class TokenIssuer:
 
     def issue(self) -> tuple[str, float]:
         token = secrets.token_urlsafe(32)
-        expires_at = time.time() + self.ttl
+        now = time.time()
+        expires_at = now + self.ttl
+        if len(self.tokens) > 1000:  # forget expired tokens now and then
+            self.tokens = {h: at for h, at in self.tokens.items() if at > now}
         self.tokens[token_hash(token)] = expires_at
         return token, expires_at
 
@@ -376,7 +381,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
             ).scalar_one()
         return Response(page_body(docs, {"totalCount": total}), media_type="application/json")
 
-    def get_record(record_id: str) -> Response:
+    def get_record(record_id: RecordId) -> Response:
         with store.read() as conn:
             row = fetch(conn, table, record_id)
         if row is None:
@@ -394,7 +399,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
         )
 
     def replace_record(
-        record_id: str,
+        record_id: RecordId,
         body: model,  # type: ignore[valid-type]
         if_match: Annotated[str | None, Header(description='"<rowVersion>" (quoted)')] = None,
     ) -> Response:
@@ -403,7 +408,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
         return _json(json.dumps(doc, ensure_ascii=False), 200, doc["rowVersion"])
 
     def delete_record(
-        record_id: str,
+        record_id: RecordId,
         if_match: Annotated[str | None, Header(description='"<rowVersion>" (quoted)')] = None,
     ) -> Response:
         with store.write() as conn:
@@ -487,7 +492,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
         responses={200: {"model": BatchOut}},
     )
     router.add_api_route(
-        f"/{obj}/{{record_id}}",
+        f"/{obj}/{{id}}",
         get_record,
         methods=["GET"],
         tags=[tag],
@@ -504,7 +509,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
         responses={201: {"model": out_model}},
     )
     router.add_api_route(
-        f"/{obj}/{{record_id}}",
+        f"/{obj}/{{id}}",
         replace_record,
         methods=["PUT"],
         tags=[tag],
@@ -512,7 +517,7 @@ def _add_object_routes(router: APIRouter, store: Store, faults: Faults, obj: str
         responses={200: {"model": out_model}},
     )
     router.add_api_route(
-        f"/{obj}/{{record_id}}",
+        f"/{obj}/{{id}}",
         delete_record,
         methods=["DELETE"],
         tags=[tag],

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, FastAPI, Header, Query, Response
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from crm_assets.embedded.errors import (
@@ -40,6 +40,8 @@ from crm_assets.embedded.records import (
 )
 from crm_assets.embedded.seed import CUSTOM_CONTACT_PREFIX, CUSTOM_PRODUCT_PREFIX, custom_id
 from crm_assets.embedded.store import Store, parse_rfc3339
+
+RecordId = Annotated[str, Path(alias="Id")]
 
 SYSTEM = "custom-crm"
 OBJECTS = ("contacts", "products")
@@ -289,7 +291,7 @@ def _add_object_routes(router: APIRouter, store: Store, obj: str) -> None:
             media_type="application/json",
         )
 
-    def get_record(record_id: str) -> Response:
+    def get_record(record_id: RecordId) -> Response:
         with store.read() as conn:
             row = fetch(conn, table, record_id)
         if row is None:
@@ -336,7 +338,7 @@ def _add_object_routes(router: APIRouter, store: Store, obj: str) -> None:
         return _json(row["doc"], 201, 1, Location=f"/api/{obj}/{record_id}")
 
     def patch_record(
-        record_id: str,
+        record_id: RecordId,
         body: patch_model,  # type: ignore[valid-type]
         if_match: Annotated[str | None, Header(description='"<Version>" (quoted)')] = None,
     ) -> Response:
@@ -364,7 +366,7 @@ def _add_object_routes(router: APIRouter, store: Store, obj: str) -> None:
         return _json(values["doc"], 200, version)
 
     def delete_record(
-        record_id: str,
+        record_id: RecordId,
         if_match: Annotated[str | None, Header(description='"<Version>" (quoted)')] = None,
     ) -> Response:
         with store.write() as conn:
@@ -402,7 +404,7 @@ def _add_object_routes(router: APIRouter, store: Store, obj: str) -> None:
         responses={200: {"model": page_model}},
     )
     router.add_api_route(
-        f"/{obj}/{{record_id}}",
+        f"/{obj}/{{Id}}",
         get_record,
         methods=["GET"],
         tags=[tag],
@@ -419,7 +421,7 @@ def _add_object_routes(router: APIRouter, store: Store, obj: str) -> None:
         responses={201: {"model": out_model}},
     )
     router.add_api_route(
-        f"/{obj}/{{record_id}}",
+        f"/{obj}/{{Id}}",
         patch_record,
         methods=["PATCH"],
         tags=[tag],
@@ -427,7 +429,7 @@ def _add_object_routes(router: APIRouter, store: Store, obj: str) -> None:
         responses={200: {"model": out_model}},
     )
     router.add_api_route(
-        f"/{obj}/{{record_id}}",
+        f"/{obj}/{{Id}}",
         delete_record,
         methods=["DELETE"],
         tags=[tag],
