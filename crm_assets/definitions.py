@@ -7,6 +7,11 @@ import os
 import dagster as dg
 
 from crm_assets.defs.flows import build_flow_assets
+from crm_assets.defs.quality import (
+    build_qa_report_asset,
+    build_verified_asset,
+    circuit_breaker_check,
+)
 from crm_assets.defs.resources import build_resources
 from crm_assets.defs.snapshots import build_snapshot_assets
 from crm_assets.defs.sync_assets import build_sync_assets
@@ -27,7 +32,10 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     sync_assets = [
         asset
         for m in mappings
-        for asset in build_sync_assets(m, [by_name[r] for r in m.references])
+        for asset in (
+            *build_sync_assets(m, [by_name[r] for r in m.references]),
+            build_verified_asset(m),
+        )
     ]
     jobs = [
         dg.define_asset_job(
@@ -48,7 +56,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             *build_snapshot_assets(document),
             *build_flow_assets(document, settings.data_dir),
             *sync_assets,
+            build_qa_report_asset(document, mappings),
         ],
+        asset_checks=[circuit_breaker_check(m) for m in mappings],
         jobs=jobs,
         resources=build_resources(settings.data_dir, settings.state_url),
         # one process per run: a sync is a short chain of steps, and a subprocess per

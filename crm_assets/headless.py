@@ -50,6 +50,11 @@ class SyncOutcome:
     success: bool
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    #: "<asset>:<check>" → (passed, severity, metadata)
+    checks: dict[str, tuple[bool, str, dict[str, Any]]] = field(default_factory=dict)
+
+    def failed_checks(self) -> list[str]:
+        return sorted(name for name, (passed, _s, _m) in self.checks.items() if not passed)
 
     def of(self, asset: str) -> dict[str, Any]:
         return self.metadata.get(asset, {})
@@ -94,6 +99,13 @@ def execute_sync(
         outcome.metadata[mat.asset_key.to_user_string()] = {
             k: v.value for k, v in mat.metadata.items()
         }
+    for evaluation in result.get_asset_check_evaluations():
+        name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+        outcome.checks[name] = (
+            evaluation.passed,
+            evaluation.severity.value,
+            {k: v.value for k, v in evaluation.metadata.items()},
+        )
     for event in result.all_events:
         if event.is_failure and event.step_key:
             err = event.event_specific_data.error if event.event_specific_data else None  # type: ignore[union-attr]
@@ -117,6 +129,12 @@ def run_sync(
         shown = {k: v for k, v in metadata.items() if k in SUMMARY_KEYS}
         parts = ", ".join(f"{k.removeprefix('dagster/')}={v}" for k, v in shown.items())
         print(f"{asset:45s} {parts}".rstrip())
+    failed = outcome.failed_checks()
+    print(f"checks: {len(outcome.checks) - len(failed)} of {len(outcome.checks)} pass")
+    for name in failed:
+        _passed, severity, metadata = outcome.checks[name]
+        counts = {k: v for k, v in metadata.items() if isinstance(v, int)}
+        print(f"  {severity:5s} {name} {counts}")
     for failure in outcome.failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 0 if outcome.success else 1

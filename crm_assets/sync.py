@@ -25,7 +25,13 @@ import polars as pl
 
 from crm_assets.crm_office.client import BATCH_SIZE, CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
-from crm_assets.engine.checks import disagreements, linked_pairs, unlinked
+from crm_assets.engine.checks import (
+    CheckOutcome,
+    disagreements,
+    flow_checks,
+    linked_pairs,
+    unlinked,
+)
 from crm_assets.engine.document import DataflowDocument
 from crm_assets.engine.mapping import FlowMapping, build_flow_mapping, map_side, to_side
 from crm_assets.engine.reconcile import Plan, ReconcileOptions, reconcile_flow
@@ -443,7 +449,7 @@ class FlowWriter:
                 elif status == 412:
                     ok = self._replace_after_412(row, item)
                 else:
-                    err = res.get("error")
+                    err = describe_item_error(res.get("error"))
                     self.result.failures.append((row["b_id"], "update", f"HTTP {status}: {err}"))
                     ok = False
                 if ok:
@@ -549,7 +555,7 @@ class FlowWriter:
                         (
                             f"a:{row['source_id']}",
                             "create",
-                            f"HTTP {res.get('status')}: {res.get('error')}",
+                            f"HTTP {res.get('status')}: {describe_item_error(res.get('error'))}",
                         )
                     )
         return done
@@ -605,6 +611,18 @@ class FlowWriter:
             )
 
 
+def describe_item_error(error: Any) -> str:
+    """A batch item's error as one readable line: ``orgNr: must be 9 digits``."""
+    if isinstance(error, dict):
+        fields = error.get("errors")
+        if isinstance(fields, list) and fields:
+            return "; ".join(
+                f"{e.get('field')}: {e.get('message')}" for e in fields if isinstance(e, dict)
+            )
+        return str(error.get("message") or error)
+    return str(error)
+
+
 def _same(x: Any, y: Any) -> bool:
     return x == y or (x in (None, "") and y in (None, ""))
 
@@ -629,16 +647,28 @@ class FlowVerification:
     disagreements: pl.DataFrame
     unlinked_a: pl.DataFrame
     unlinked_b: pl.DataFrame
+    checks: list[CheckOutcome]
 
 
 def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) -> FlowVerification:
-    """Compare both sides of every link from the stored snapshots (take them after writing)."""
-    a, b = map_flow(mapping, store, state)
+    """The flow's QA checklist from snapshots taken after the writes.
+
+    Ambiguous matches come from a read-only plan over the same data: what a
+    sync would still find ambiguous now.
+    """
+    refs = reference_links(state, mapping)
+    snaps = {side: _snapshot(store, mapping, side) for side in ("a", "b")}
+    mapped = {side: map_side(snaps[side], mapping, side, refs) for side in ("a", "b")}
     links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
+    plan = plan_flow(mapping, mapped["a"], mapped["b"], state, ReconcileOptions(mode="read_only"))
+    checks = flow_checks(
+        mapping, mapped, snaps, links, plan.ambiguous, state.dead_letters(mapping.name)
+    )
     return FlowVerification(
         flow=mapping.name,
-        linked=linked_pairs(a, b, links),
-        disagreements=disagreements(mapping, a, b, links),
-        unlinked_a=unlinked(a, links, "a"),
-        unlinked_b=unlinked(b, links, "b"),
+        linked=linked_pairs(mapped["a"], mapped["b"], links),
+        disagreements=disagreements(mapping, mapped["a"], mapped["b"], links),
+        unlinked_a=unlinked(mapped["a"], links, "a"),
+        unlinked_b=unlinked(mapped["b"], links, "b"),
+        checks=checks,
     )

@@ -44,7 +44,7 @@ def last_write_key(mapping: FlowMapping) -> dg.AssetKey:
     return flow_key(mapping, f"writes_to_{WRITE_SIDES[-1][1]}")
 
 
-def _markdown(frame: pl.DataFrame, limit: int = 10) -> str:
+def markdown_table(frame: pl.DataFrame, limit: int = 10) -> str:
     """A small Markdown table of a frame's first rows, for the UI."""
     if frame.height == 0:
         return "_none_"
@@ -59,7 +59,7 @@ def _markdown(frame: pl.DataFrame, limit: int = 10) -> str:
     return "\n".join([header, rule, *rows, *more])
 
 
-def plan_markdown(plan: Plan) -> str:
+def planmarkdown_table(plan: Plan) -> str:
     """The plan as an operator reads it: counts, then samples of each part."""
     lines = [f"### Plan of `{plan.flow}`", ""]
     if plan.blocked:
@@ -78,7 +78,7 @@ def plan_markdown(plan: Plan) -> str:
         ("Deferred", plan.deferred),
         ("Failed", plan.failed),
     ):
-        lines += ["", f"#### {title}", "", _markdown(frame)]
+        lines += ["", f"#### {title}", "", markdown_table(frame)]
     return "\n".join(lines)
 
 
@@ -140,7 +140,7 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
                 **{k: int(v) for k, v in plan.counts.items()},
                 "blocked": plan.blocked or "no",
                 "dry_run": config.dry_run,
-                "plan": dg.MetadataValue.md(plan_markdown(plan)),
+                "plan": dg.MetadataValue.md(planmarkdown_table(plan)),
             }
         )
 
@@ -199,5 +199,5 @@ def write_metadata(result: WriteResult) -> dict[str, Any]:
     return {
         **result.counts(),
         "skipped": result.skipped or "no",
-        "failures": dg.MetadataValue.md(_markdown(failures)),
+        "failures": dg.MetadataValue.md(markdown_table(failures)),
     }

@@ -6,9 +6,13 @@ what the CRMs actually hold.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import polars as pl
 
-from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.document import slug
+from crm_assets.engine.mapping import Column, FlowMapping, convert
+from crm_assets.engine.snapshot import DELETED, FIELD_DTYPES
 
 
 def _live_pairs(a: pl.DataFrame, b: pl.DataFrame, links: pl.DataFrame) -> pl.DataFrame:
@@ -48,3 +52,174 @@ def unlinked(frame: pl.DataFrame, links: pl.DataFrame, side: str) -> pl.DataFram
     """Live records of one side without a live link: ``id``."""
     live = links.filter(~pl.col("tombstoned")).select(pl.col(f"{side}_id").alias("id"))
     return frame.filter(~pl.col("deleted")).select("id").join(live, on="id", how="anti")
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One QA checklist item's result: what was checked, whether it holds, the evidence."""
+
+    name: str
+    description: str
+    passed: bool
+    severity: str  # "error" | "warn"
+    counts: dict[str, int] = field(default_factory=dict)
+    sample: pl.DataFrame | None = None
+    column: Column | None = None  # the property row a property check belongs to
+
+
+def check_name(path: str, what: str) -> str:
+    """A check name from a property path: ``visitAddress.postCode`` → ``visitaddress_postcode_agrees``."""
+    return f"{slug(path)}_{what}"
+
+
+def linked_check_name(system: str) -> str:
+    return f"every_{slug(system)}_record_linked"
+
+
+def check_catalog(mapping: FlowMapping) -> dict[str, str]:
+    """Every check of a flow's QA checklist, name → description, in checklist order."""
+    out: dict[str, str] = {}
+    for c in mapping.columns:
+        out[check_name(c.name, "agrees")] = f"{c.a_field} and {c.b_field} agree for every link"
+        out[check_name(c.name, "type")] = (
+            f"{c.a_field} and {c.b_field} hold values of type {c.type or 'N/A'}"
+        )
+    for obj, other in ((mapping.a, mapping.b), (mapping.b, mapping.a)):
+        out[linked_check_name(obj.system)] = (
+            f"every {obj.system} {obj.obj} record is linked to one in {other.system}"
+        )
+    out["links_one_to_one"] = "no record is linked twice"
+    out["no_failed_writes"] = "the dead-letter table holds no record of this flow"
+    out["no_ambiguous_matches"] = "no record matches two or more records on the other side"
+    return out
+
+
+def type_violations(
+    mapping: FlowMapping, snapshot: pl.DataFrame, side: str
+) -> dict[str, pl.DataFrame]:
+    """Per canonical column: live records whose value does not have the declared type."""
+    obj = mapping.side(side)
+    live = snapshot.filter(~pl.col(DELETED))
+    out = {}
+    for column in mapping.columns:
+        field_name = column.a_field if side == "a" else column.b_field
+        if column.reference:
+            out[column.name] = live.clear().select(
+                pl.col(obj.id_field).alias("id"), pl.lit("").alias("value")
+            )
+            continue
+        raw = pl.col(field_name)
+        converted = convert(raw, FIELD_DTYPES[obj.fields[field_name]], column.dtype)
+        out[column.name] = live.filter(raw.is_not_null() & converted.is_null()).select(
+            pl.col(obj.id_field).cast(pl.String).alias("id"), raw.cast(pl.String).alias("value")
+        )
+    return out
+
+
+def flow_checks(
+    mapping: FlowMapping,
+    mapped: dict[str, pl.DataFrame],
+    snapshots: dict[str, pl.DataFrame],
+    links: pl.DataFrame,
+    ambiguous: pl.DataFrame,
+    dead_letters: pl.DataFrame,
+    sample_size: int = 5,
+) -> list[CheckOutcome]:
+    """The QA checklist of one flow, from what both systems hold after the writes."""
+    a, b = mapped["a"], mapped["b"]
+    names = {"a": mapping.a.system, "b": mapping.b.system}
+    catalog = check_catalog(mapping)
+    differ = disagreements(mapping, a, b, links)
+    linked = linked_pairs(a, b, links)
+    bad_types = {side: type_violations(mapping, snapshots[side], side) for side in ("a", "b")}
+    out: list[CheckOutcome] = []
+    for column in mapping.columns:
+        mine = differ.filter(pl.col("field") == column.name)
+        out.append(
+            CheckOutcome(
+                name=check_name(column.name, "agrees"),
+                description=catalog[check_name(column.name, "agrees")],
+                passed=mine.height == 0,
+                severity="error",
+                counts={"linked_pairs": linked, "disagreeing": mine.height},
+                sample=mine.head(sample_size),
+                column=column,
+            )
+        )
+        wrong = pl.concat(
+            [
+                bad_types[s][column.name].with_columns(pl.lit(names[s]).alias("system"))
+                for s in ("a", "b")
+            ]
+        )
+        out.append(
+            CheckOutcome(
+                name=check_name(column.name, "type"),
+                description=catalog[check_name(column.name, "type")],
+                passed=wrong.height == 0,
+                severity="warn",
+                counts={"wrong_type": wrong.height},
+                sample=wrong.head(sample_size),
+                column=column,
+            )
+        )
+    for side in ("a", "b"):
+        missing = unlinked(mapped[side], links, side)
+        out.append(
+            CheckOutcome(
+                name=linked_check_name(names[side]),
+                description=catalog[linked_check_name(names[side])],
+                passed=missing.height == 0,
+                severity="warn",
+                counts={
+                    "records": mapped[side].filter(~pl.col("deleted")).height,
+                    "unlinked": missing.height,
+                },
+                sample=missing.head(sample_size),
+            )
+        )
+    live = links.filter(~pl.col("tombstoned"))
+    dup = pl.concat(
+        [
+            live.group_by(key)
+            .len()
+            .filter(pl.col("len") > 1)
+            .select(pl.col(key).alias("id"), pl.lit(key).alias("side"))
+            for key in ("a_id", "b_id")
+        ]
+    )
+    out.append(
+        CheckOutcome(
+            name="links_one_to_one",
+            description=catalog["links_one_to_one"],
+            passed=dup.height == 0,
+            severity="error",
+            counts={"links": live.height, "linked_twice": dup.height},
+            sample=dup.head(sample_size),
+        )
+    )
+    out.append(
+        CheckOutcome(
+            name="no_failed_writes",
+            description=catalog["no_failed_writes"],
+            passed=dead_letters.height == 0,
+            severity="error",
+            counts={"dead_letters": dead_letters.height},
+            sample=dead_letters.select("side", "record_id", "action", "attempts", "message").head(
+                sample_size
+            )
+            if dead_letters.height
+            else None,
+        )
+    )
+    out.append(
+        CheckOutcome(
+            name="no_ambiguous_matches",
+            description=catalog["no_ambiguous_matches"],
+            passed=ambiguous.height == 0,
+            severity="warn",
+            counts={"ambiguous": ambiguous.height},
+            sample=ambiguous.head(sample_size),
+        )
+    )
+    return out

@@ -17,7 +17,7 @@ import polars as pl
 
 from crm_assets.engine.document import DataflowDocument, Flow
 from crm_assets.engine.objects import SourceObject
-from crm_assets.engine.snapshot import DELETED
+from crm_assets.engine.snapshot import DELETED, FIELD_DTYPES
 
 #: canonical dtype per document data type (``None`` is N/A: compared as text)
 CANONICAL: dict[str | None, pl.DataType] = {
@@ -28,13 +28,6 @@ CANONICAL: dict[str | None, pl.DataType] = {
     None: pl.String(),
 }
 
-_FIELD_KIND: dict[str, pl.DataType] = {
-    "string": pl.String(),
-    "integer": pl.Int64(),
-    "float": pl.Float64(),
-    "boolean": pl.Boolean(),
-    "datetime": pl.Datetime("us", "UTC"),
-}
 
 #: The columns every mapped frame has besides the canonical ones.
 META = ("id", "modified", "created", "version", "deleted", "error", "unresolved")
@@ -144,7 +137,7 @@ def normalize_key(expr: pl.Expr, field: str) -> pl.Expr:
     return pl.when(text == "").then(None).otherwise(text)
 
 
-def _convert(expr: pl.Expr, source: pl.DataType, target: pl.DataType) -> pl.Expr:
+def convert(expr: pl.Expr, source: pl.DataType, target: pl.DataType) -> pl.Expr:
     """A value of one type as another; what cannot convert becomes null (checked by the caller)."""
     if source == target:
         out = expr
@@ -210,7 +203,7 @@ def map_side(
     for column in mapping.columns:
         field = column.a_field if side == "a" else column.b_field
         raw = pl.col(field)
-        converted = _convert(raw, _FIELD_KIND[obj.fields[field]], column.dtype)
+        converted = convert(raw, FIELD_DTYPES[obj.fields[field]], column.dtype)
         if column.reference and side == "b":
             links = (reference_links or {}).get(column.reference)
             if links is None:
@@ -281,7 +274,7 @@ def to_side(
             unresolved.append(value.is_not_null() & translated.is_null())
             exprs.append(translated.alias(field))
             continue
-        converted = _convert(value, column.dtype, _FIELD_KIND[obj.fields[field]])
+        converted = convert(value, column.dtype, FIELD_DTYPES[obj.fields[field]])
         checks.append((column.name, value, converted, obj.fields[field]))
         exprs.append(converted.alias(field))
     exprs.append(_conversion_errors(checks).alias("error"))

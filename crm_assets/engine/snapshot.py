@@ -21,7 +21,8 @@ import polars as pl
 
 DELETED = "_deleted"
 
-_DTYPES: dict[str, pl.DataType] = {
+#: polars dtype per field kind of the connectors' field lists
+FIELD_DTYPES: dict[str, pl.DataType] = {
     "string": pl.String(),
     "integer": pl.Int64(),
     "boolean": pl.Boolean(),
@@ -33,7 +34,7 @@ _DTYPES: dict[str, pl.DataType] = {
 def schema(fields: Mapping[str, str]) -> pl.Schema:
     """The Parquet schema of a snapshot of an object with these fields."""
     return pl.Schema(
-        {name: _DTYPES[kind] for name, kind in fields.items()} | {DELETED: pl.Boolean()}
+        {name: FIELD_DTYPES[kind] for name, kind in fields.items()} | {DELETED: pl.Boolean()}
     )
 
 

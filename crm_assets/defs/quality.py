@@ -1,0 +1,157 @@
+"""The QA checklist in Dagster: a ``verified`` asset per flow carrying the document's checks,
+and the QA report rendering the document as a checklist.
+
+The checks read both CRMs after the writes (verification snapshots of their
+own, incremental), not the plan.
+"""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from crm_assets.defs.sync_assets import flow_key, last_write_key, markdown_table
+from crm_assets.engine.checks import CheckOutcome, check_catalog
+from crm_assets.engine.document import DataflowDocument
+from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.report import render_qa_report
+from crm_assets.engine.snapshot import SnapshotStore
+from crm_assets.sources import take_snapshot
+from crm_assets.sync import verify_flow
+
+SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity.WARN}
+QA_REPORT_KEY = dg.AssetKey(["qa", "qa_report"])
+
+
+def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+    metadata: dict[str, Any] = {**outcome.counts, "description": outcome.description}
+    if outcome.sample is not None and outcome.sample.height:
+        metadata["sample"] = dg.MetadataValue.md(markdown_table(outcome.sample))
+    if outcome.column is not None:
+        metadata["property"] = f"{outcome.column.a_field} -> {outcome.column.b_field}"
+    return dg.AssetCheckResult(
+        check_name=outcome.name,
+        passed=outcome.passed,
+        severity=SEVERITY[outcome.severity],
+        metadata=metadata,
+    )
+
+
+def results_path(flow_dir: Path) -> Path:
+    return flow_dir / "checks.json"
+
+
+def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
+    """Re-reads both systems after the writes and runs the flow's QA checklist on them."""
+    key = flow_key(mapping, "verified")
+    specs = [
+        dg.AssetCheckSpec(name, asset=key, description=description)
+        for name, description in check_catalog(mapping).items()
+    ]
+
+    @dg.asset(
+        key=key,
+        group_name=mapping.name,
+        deps=[last_write_key(mapping)],
+        check_specs=specs,
+        kinds={"polars"},
+        required_resource_keys={"storage", mapping.a.system_key, mapping.b.system_key},
+        description=f"What both CRMs hold for '{mapping.title}' after the writes, checked.",
+    )
+    def verified(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        storage = context.resources.storage
+        store = SnapshotStore(storage.root / "verification")
+        for obj in (mapping.a, mapping.b):
+            with getattr(context.resources, obj.system_key).client() as client:
+                take_snapshot(client, obj, store)
+        verification = verify_flow(mapping, store, storage.state())
+        outcomes = verification.checks
+        results_path(storage.flow_dir(mapping.name)).write_text(
+            json.dumps(
+                {
+                    o.name: {
+                        "passed": o.passed,
+                        "severity": o.severity,
+                        "counts": o.counts,
+                        "description": o.description,
+                    }
+                    for o in outcomes
+                },
+                indent=2,
+            )
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "linked_pairs": verification.linked,
+                "disagreements": verification.disagreements.height,
+                "checks_passed": sum(o.passed for o in outcomes),
+                "checks_failed": sum(not o.passed for o in outcomes),
+            },
+            check_results=[check_result(o) for o in outcomes],
+        )
+
+    return verified
+
+
+def build_qa_report_asset(
+    document: DataflowDocument, mappings: list[FlowMapping]
+) -> dg.AssetsDefinition:
+    """The document as a checklist, each row with its result: Markdown in the UI and a file."""
+
+    @dg.asset(
+        key=QA_REPORT_KEY,
+        group_name="qa",
+        deps=[flow_key(m, "verified") for m in mappings],
+        kinds={"markdown"},
+        required_resource_keys={"storage"},
+        description=f"QA report of '{document.title}': every row of the document with its result.",
+    )
+    def qa_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        storage = context.resources.storage
+        results = {}
+        for m in mappings:
+            path = results_path(storage.flow_dir(m.name))
+            if path.exists():
+                results[m.name] = json.loads(path.read_text())
+        text = render_qa_report(document, results, datetime.now(UTC))
+        out = storage.root / "reports" / "qa-report.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        checks = [r for flow in results.values() for r in flow.values()]
+        return dg.MaterializeResult(
+            metadata={
+                "report": dg.MetadataValue.md(text),
+                "path": dg.MetadataValue.path(out),
+                "checks": len(checks),
+                "failed": sum(not r["passed"] for r in checks),
+            }
+        )
+
+    return qa_report
+
+
+def circuit_breaker_check(mapping: FlowMapping) -> dg.AssetChecksDefinition:
+    """Blocking: a plan that would change too much of one side stops the writes."""
+
+    @dg.asset_check(
+        asset=flow_key(mapping, "reconciled"),
+        name="circuit_breaker",
+        blocking=True,
+        required_resource_keys={"storage"},
+        description="the plan changes no more than the allowed share of either side's links",
+    )
+    def breaker(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        plan_file = context.resources.storage.flow_dir(mapping.name) / "plan" / "plan.parquet"
+        if not plan_file.exists():
+            return dg.AssetCheckResult(passed=True, metadata={"plan": "none yet"})
+        meta = pl.read_parquet(plan_file).row(0, named=True)
+        return dg.AssetCheckResult(
+            passed=meta["blocked"] is None,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"reason": meta["blocked"] or "within limits", **meta["counts"][0]},
+        )
+
+    return breaker
