@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from crm_assets.defs.automation import build_automation
 from crm_assets.defs.flows import build_flow_assets
 from crm_assets.defs.quality import (
     build_qa_report_asset,
@@ -51,7 +52,10 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "sync_all", selection=dg.AssetSelection.all(), description="Every flow."
         )
     )
+    sensors, schedules = build_automation(mappings, {j.name: j for j in jobs})
     return dg.Definitions(
+        sensors=sensors,
+        schedules=schedules,
         assets=[
             *build_snapshot_assets(document),
             *build_flow_assets(document, settings.data_dir),

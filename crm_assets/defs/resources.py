@@ -12,6 +12,7 @@ from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
+from crm_assets.http import RetryPolicy
 
 
 class CustomCrmResource(dg.ConfigurableResource):
@@ -21,8 +22,10 @@ class CustomCrmResource(dg.ConfigurableResource):
     api_key: str = Field(description="API key (set through CUSTOM_CRM_API_KEY)")
     timeout_seconds: float = 30.0
 
-    def client(self) -> CustomCrmClient:
-        return CustomCrmClient(self.base_url, self.api_key, timeout=self.timeout_seconds)
+    def client(self, retry: RetryPolicy | None = None) -> CustomCrmClient:
+        return CustomCrmClient(
+            self.base_url, self.api_key, timeout=self.timeout_seconds, retry=retry
+        )
 
 
 class CrmOfficeResource(dg.ConfigurableResource):
@@ -33,9 +36,13 @@ class CrmOfficeResource(dg.ConfigurableResource):
     client_secret: str = Field(description="OAuth2 client secret (CRM_OFFICE_CLIENT_SECRET)")
     timeout_seconds: float = 30.0
 
-    def client(self) -> CrmOfficeClient:
+    def client(self, retry: RetryPolicy | None = None) -> CrmOfficeClient:
         return CrmOfficeClient(
-            self.base_url, self.client_id, self.client_secret, timeout=self.timeout_seconds
+            self.base_url,
+            self.client_id,
+            self.client_secret,
+            timeout=self.timeout_seconds,
+            retry=retry,
         )
 
 

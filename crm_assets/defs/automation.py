@@ -1,0 +1,92 @@
+"""Sensors that start the affected flows when a CRM changes, and the nightly full rescan."""
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from crm_assets.changes import detect_changes, format_cursor, parse_cursor
+from crm_assets.engine.mapping import FlowMapping
+from crm_assets.http import CrmError, RetryPolicy
+
+#: A sensor tick must answer fast: an unreachable CRM skips the tick instead of hanging.
+SENSOR_RETRY = RetryPolicy(attempts=2, initial=0.2, maximum=1.0, deadline=10)
+
+
+def sensor_interval() -> int:
+    """Seconds between sensor ticks (``CRM_SYNC_SENSOR_INTERVAL``, default 15)."""
+    return int(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 15)
+
+
+def build_change_sensor(
+    system_key: str, mappings: list[FlowMapping], jobs: dict[str, Any]
+) -> dg.SensorDefinition:
+    """Polls one CRM for records changed since its cursor; starts the flows that read them."""
+    sources = []
+    for m in mappings:
+        for obj in (m.a, m.b):
+            if obj.system_key == system_key and obj not in sources:
+                sources.append(obj)
+    system = sources[0].system
+
+    @dg.sensor(
+        name=f"{system_key}_changes",
+        description=f"Starts the flows whose {system} records changed since the last tick.",
+        minimum_interval_seconds=sensor_interval(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        jobs=[jobs[f"sync_{m.name}"] for m in mappings],
+        required_resource_keys={system_key},
+    )
+    def changes(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        positions = parse_cursor(context.cursor)
+        try:
+            with getattr(context.resources, system_key).client(retry=SENSOR_RETRY) as client:
+                changed, new_positions = detect_changes(client, sources, positions)
+        except CrmError as exc:
+            return dg.SkipReason(f"{system} unreachable, cursor kept: {exc}")
+        if not changed:
+            return dg.SkipReason(f"no {system} record changed")
+        cursor = format_cursor(new_positions)
+        objs = {(s.system_key, s.obj) for s in changed}
+        flows = [
+            m for m in mappings if {(m.a.system_key, m.a.obj), (m.b.system_key, m.b.obj)} & objs
+        ]
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    job_name=f"sync_{m.name}",
+                    run_key=f"{system_key}:{m.name}:{cursor}",
+                    tags={"crm_assets/trigger": f"{system_key} changed"},
+                )
+                for m in flows
+            ],
+            cursor=cursor,
+        )
+
+    return changes
+
+
+def snapshot_ops_config(full_rescan: bool, mappings: list[FlowMapping]) -> dict:
+    objs = {tuple(o.asset_path) for m in mappings for o in (m.a, m.b)}
+    return {"ops": {"__".join(o): {"config": {"full_rescan": full_rescan}} for o in sorted(objs)}}
+
+
+def build_nightly_rescan(mappings: list[FlowMapping], job: Any) -> dg.ScheduleDefinition:
+    """Every night: re-read everything (finds hard deletes), then sync every flow."""
+    return dg.ScheduleDefinition(
+        name="nightly_full_rescan",
+        cron_schedule="0 2 * * *",
+        job=job,
+        run_config=snapshot_ops_config(True, mappings),
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Full rescan of every object (finds hard deletes), then every flow.",
+    )
+
+
+def build_automation(
+    mappings: list[FlowMapping], jobs: dict[str, Any]
+) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+    """One change sensor per CRM, and the nightly rescan of everything."""
+    keys = sorted({o.system_key for m in mappings for o in (m.a, m.b)})
+    sensors = [build_change_sensor(k, mappings, jobs) for k in keys]
+    return sensors, [build_nightly_rescan(mappings, jobs["sync_all"])]

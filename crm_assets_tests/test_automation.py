@@ -1,0 +1,100 @@
+"""Change sensors start only the affected flows, keep stable cursors, and skip cleanly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+from conftest import SyncWorld
+from embedded_fixtures import free_port
+
+from crm_assets.changes import format_cursor, parse_cursor
+from crm_assets.definitions import build_definitions
+from crm_assets.defs.resources import CrmOfficeResource, CustomCrmResource
+from crm_assets.settings import Settings
+
+
+def tick(sensor_name: str, resources: dict[str, Any], cursor: str | None = None) -> Any:
+    defs = build_definitions(Settings.from_env())
+    sensor = defs.resolve_sensor_def(sensor_name)
+    context = dg.build_sensor_context(cursor=cursor, resources=resources)
+    return sensor.evaluate_tick(context), context
+
+
+def custom_resource(world: SyncWorld) -> dict[str, Any]:
+    svc = world.custom_crm
+    return {
+        "custom_crm": CustomCrmResource(base_url=svc.base_url, api_key=svc.credentials["api_key"])
+    }
+
+
+def office_resource(world: SyncWorld) -> dict[str, Any]:
+    svc = world.crm_office
+    creds = svc.credentials
+    return {
+        "crm_office": CrmOfficeResource(
+            base_url=svc.base_url,
+            client_id=creds["client_id"],
+            client_secret=creds["client_secret"],
+        )
+    }
+
+
+def jobs_of(result: Any) -> list[str]:
+    return sorted(r.job_name for r in result.run_requests)
+
+
+def test_a_change_starts_the_flows_reading_it_and_a_quiet_tick_starts_nothing(
+    sync_world: SyncWorld,
+):
+    result, _ = tick("custom_crm_changes", custom_resource(sync_world))
+    assert not result.run_requests and "no Custom CRM record changed" in result.skip_message
+
+    with sync_world.custom_client() as a:
+        c = a.create("contacts", {"Email": "s@example.com"})
+    result, _ = tick("custom_crm_changes", custom_resource(sync_world))
+    assert jobs_of(result) == ["sync_contact_to_contacts"]
+    cursor = result.cursor
+    assert parse_cursor(cursor)["contacts"][1] == c["Id"]
+    assert format_cursor(parse_cursor(cursor)) == cursor  # deterministic
+
+    quiet, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
+    assert not quiet.run_requests and quiet.skip_message
+
+    with sync_world.custom_client() as a:
+        a.create("products", {"Name": "New Co"})
+        a.update("contacts", c["Id"], {"Title": "Boss"})
+    result, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
+    assert jobs_of(result) == ["sync_contact_to_contacts", "sync_product_to_companies"]
+    assert result.cursor != cursor
+
+
+def test_crm_office_sensor_sees_its_own_objects(sync_world: SyncWorld):
+    with sync_world.office_client() as b:
+        b.create("companies", {"name": "Office Co"})
+    result, _ = tick("crm_office_changes", office_resource(sync_world))
+    assert jobs_of(result) == ["sync_product_to_companies"]
+
+
+def test_unreachable_crm_skips_the_tick_and_keeps_the_cursor(sync_world: SyncWorld):
+    closed = f"http://127.0.0.1:{free_port()}"
+    resources = {"custom_crm": CustomCrmResource(base_url=closed, api_key="irrelevant")}
+    cursor = format_cursor({"contacts": ("2026-01-01T00:00:00.000000+00:00", "C-1")})
+    result, context = tick("custom_crm_changes", resources, cursor)
+    assert not result.run_requests
+    assert "unreachable, cursor kept" in result.skip_message
+    assert context.cursor == cursor
+
+
+def test_nightly_schedule_rescans_every_object(sync_world: SyncWorld):
+    defs = build_definitions(Settings.from_env())
+    schedule = defs.resolve_schedule_def("nightly_full_rescan")
+    assert schedule.cron_schedule == "0 2 * * *"
+    (request,) = schedule.evaluate_tick(dg.build_schedule_context()).run_requests
+    ops = request.run_config["ops"]
+    assert {k for k, v in ops.items() if v["config"]["full_rescan"]} == {
+        "custom_crm__contacts",
+        "custom_crm__products",
+        "crm_office__contacts",
+        "crm_office__companies",
+    }
