@@ -88,7 +88,8 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
 class RetryPolicy:
     """Exponential backoff with full jitter that waits at least what Retry-After asks.
 
-    Built on tenacity; the wait honours the server's Retry-After when there is one.
+    Built on tenacity; the wait honours the server's Retry-After when there is one, and
+    a wait that would end past the deadline is not started: the last error is raised.
     """
 
     def __init__(
@@ -103,14 +104,14 @@ class RetryPolicy:
         backoff = random.uniform(0, min(self.maximum, self.initial * 2 ** (state.attempt_number)))
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return min(self.maximum * 3, exc.retry_after + random.uniform(0, self.initial))
+            return exc.retry_after + random.uniform(0, self.initial)
         return backoff
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry it on :class:`_Retryable`; raise the last error as a CrmError."""
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.attempts)
-            | tenacity.stop_after_delay(self.deadline),
+            | tenacity.stop_before_delay(self.deadline),
             wait=self._wait,
             retry=tenacity.retry_if_exception_type(_Retryable),
             before_sleep=lambda s: log.info(

@@ -179,31 +179,42 @@ class CrmOfficeClient:
         """Every record updated since the moment (inclusive), page by page, to the end.
 
         Offset paging shifts when records change while we page (an updated record
-        moves to the end of the order). So each page restarts from the last
-        ``updatedAt`` seen, skipping only the records already seen at exactly that
-        moment: a shift before that point cannot hide a record, and a moved record
-        shows up again at the end (callers dedupe by id).
+        moves to the end of the order, a deleted one leaves it). So each page restarts
+        from the last ``updatedAt`` seen and overlaps the previous page by one record:
+        when that record is not where it was, records before it moved away, and the
+        page is read again from further back. A shift can then not hide a record; a
+        moved record shows up again at the end (callers dedupe by id). Records read
+        twice at the restart moment are left out.
         """
-        since = rfc3339(since) if since is not None else None
+        since_text = rfc3339(since) if since is not None else None
+        seen: set[Any] = set()  # ids already yielded whose updatedAt is since_text
+        overlap = 1 if take > 1 else 0
         skip = 0
         call = f"GET /{obj}"
         while True:
             params: dict[str, Any] = {"skip": skip, "take": take}
-            if since is not None:
-                params["updatedSince"] = since
+            if since_text is not None:
+                params["updatedSince"] = since_text
             body = json_body(SYSTEM, call, self._request("GET", f"/{obj}", params=params))
             if not isinstance(body, dict) or not isinstance(body.get("items"), list):
                 raise CrmProtocolError(SYSTEM, call, "page without an 'items' list")
             items: list[dict[str, Any]] = body["items"]
-            yield items
+            if overlap and skip and (not items or items[0].get("id") not in seen):
+                skip = max(0, skip - take)  # the record we overlap on moved: step back
+                continue
+            yield [item for item in items if item.get("id") not in seen]
             if len(items) < take:
                 return
             last = items[-1].get("updatedAt")
             if not isinstance(last, str):
                 raise CrmProtocolError(SYSTEM, call, "record without 'updatedAt'")
-            at_last = sum(1 for item in items if item.get("updatedAt") == last)
-            skip = skip + at_last if last == since else at_last
-            since = last
+            at_last = {item.get("id") for item in items if item.get("updatedAt") == last}
+            if last == since_text:
+                seen |= at_last
+                skip += len(items) - overlap
+            else:
+                since_text, seen = last, at_last
+                skip = len(at_last) - overlap
 
     def get(self, obj: str, record_id: str) -> dict[str, Any]:
         path = f"/{obj}/{record_id}"
