@@ -159,6 +159,11 @@ def convert(expr: pl.Expr, source: pl.DataType, target: pl.DataType) -> pl.Expr:
     return out
 
 
+def _can_fail(source: pl.DataType, target: pl.DataType) -> bool:
+    """Whether converting can lose a value (anything converts to text)."""
+    return source != target and target != pl.String()
+
+
 def _conversion_errors(checks: list[tuple[str, pl.Expr, pl.Expr, str]]) -> pl.Expr:
     """A message listing every field whose value did not convert, or null."""
     parts = [
@@ -223,7 +228,8 @@ def map_side(
             unresolved.append(raw.is_not_null() & translated.is_null())
             exprs.append(translated.alias(column.name))
             continue
-        checks.append((field, raw, converted, column.type or "text"))
+        if _can_fail(FIELD_DTYPES[obj.fields[field]], column.dtype):
+            checks.append((field, raw, converted, column.type or "text"))
         exprs.append(converted.alias(column.name))
     for i, (a_field, b_field) in enumerate(mapping.merge):
         field = a_field if side == "a" else b_field
@@ -275,7 +281,8 @@ def to_side(
             exprs.append(translated.alias(field))
             continue
         converted = convert(value, column.dtype, FIELD_DTYPES[obj.fields[field]])
-        checks.append((column.name, value, converted, obj.fields[field]))
+        if _can_fail(column.dtype, FIELD_DTYPES[obj.fields[field]]):
+            checks.append((column.name, value, converted, obj.fields[field]))
         exprs.append(converted.alias(field))
     exprs.append(_conversion_errors(checks).alias("error"))
     exprs.append(

@@ -97,15 +97,33 @@ def reconcile_flow(
     """
     options = options or ReconcileOptions()
     cols = mapping.names
-    a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
-    b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
+    base_dtypes = {c: links.schema[f"base.{c}"] for c in cols}
+    a = a.lazy().rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
+    b = b.lazy().rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
+    lk = links.lazy()
 
     # -- existing links -------------------------------------------------------------------
-    known = links.join(a, on="a_id", how="left").join(b, on="b_id", how="left")
+    # First on ids and one hash of the mapped values per side, which is cheap at a million
+    # links: a pair whose both sides still hash like the base did nothing since the last sync
+    # and is dropped before any value is gathered. (A hash collision could hide a change
+    # with odds of about 2^-64 per pair.)
+    def digest(prefix: str) -> pl.Expr:
+        return pl.struct([pl.col(f"{prefix}.{c}") for c in cols]).hash().alias(f"{prefix}.h")
+
+    def slim(frame: pl.LazyFrame, side: str) -> pl.LazyFrame:
+        flags = [f"{side}.deleted", f"{side}.unresolved", f"{side}.error"]
+        return frame.select(f"{side}_id", *flags, digest(side))
+
+    live = lk.filter(~pl.col("tombstoned"))
+    known = (
+        live.select("a_id", "b_id", "has_base", digest("base"))
+        .join(slim(a, "a"), on="a_id", how="left")
+        .join(slim(b, "b"), on="b_id", how="left")
+        .collect()
+    )
     a_gone = pl.col("a.deleted").fill_null(True)
     b_gone = pl.col("b.deleted").fill_null(True)
-    live = known.filter(~pl.col("tombstoned"))
-    tombstones = live.filter(a_gone | b_gone).select(
+    tombstones = known.filter(a_gone | b_gone).select(
         "a_id",
         "b_id",
         pl.when(a_gone & b_gone)
@@ -115,18 +133,40 @@ def reconcile_flow(
         .otherwise(pl.lit("b"))
         .alias("deleted_side"),
     )
-    deletes = {
-        "a": tombstones.filter(pl.col("deleted_side") == "b").select(pl.col("a_id").alias("id")),
-        "b": tombstones.filter(pl.col("deleted_side") == "a").select(pl.col("b_id").alias("id")),
-    }
-    if not options.propagate_deletes:
-        deletes = {s: d.clear() for s, d in deletes.items()}
-    linked = live.filter(~a_gone & ~b_gone).with_columns(pl.lit(False).alias("new_link"))
+    if options.propagate_deletes:
+        deletes = {
+            "a": tombstones.filter(pl.col("deleted_side") == "b").select(
+                pl.col("a_id").alias("id")
+            ),
+            "b": tombstones.filter(pl.col("deleted_side") == "a").select(
+                pl.col("b_id").alias("id")
+            ),
+        }
+    else:
+        deletes = {s: _empty_ids("id") for s in SIDES}
+    quiet = (
+        pl.col("has_base")
+        & (pl.col("a.h") == pl.col("base.h"))
+        & (pl.col("b.h") == pl.col("base.h"))
+        & ~pl.col("a.unresolved")
+        & ~pl.col("b.unresolved")
+        & pl.col("a.error").is_null()
+        & pl.col("b.error").is_null()
+    )
+    active = known.filter(~a_gone & ~b_gone & ~quiet).select("a_id", "b_id").lazy()
+    linked = (
+        active.join(live.drop("b_id"), on="a_id")
+        .join(a, on="a_id")
+        .join(b, on="b_id")
+        .with_columns(pl.lit(False).alias("new_link"))
+    )
 
     # -- linking by merge criteria --------------------------------------------------------------
-    ua = a.join(links.select("a_id"), on="a_id", how="anti").filter(~pl.col("a.deleted"))
-    ub = b.join(links.select("b_id"), on="b_id", how="anti").filter(~pl.col("b.deleted"))
-    candidates = _candidates(mapping, ua, ub, pending_creates)
+    ua = a.join(lk.select("a_id"), on="a_id", how="anti").filter(~pl.col("a.deleted"))
+    ub = b.join(lk.select("b_id"), on="b_id", how="anti").filter(~pl.col("b.deleted"))
+    # what remains is small (changed pairs, unlinked records): eager from here on
+    linked, ua, ub = (f.lazy() for f in pl.collect_all([linked, ua, ub]))
+    candidates = _candidates(mapping, ua, ub, pending_creates).collect().lazy()
     a_count = candidates.group_by("a_id").agg(pl.col("b_id").n_unique().alias("n"))
     b_count = candidates.group_by("b_id").agg(pl.col("a_id").n_unique().alias("n"))
     matched = candidates.join(a_count.filter(pl.col("n") == 1).select("a_id"), on="a_id").join(
@@ -134,24 +174,16 @@ def reconcile_flow(
     )
     ambiguous = pl.concat(
         [
-            candidates.join(matched, on="a_id", how="anti")
-            .join(a_count, on="a_id")
-            .group_by("a_id")
+            candidates.join(matched, on=f"{side}_id", how="anti")
+            .join(count, on=f"{side}_id")
+            .group_by(f"{side}_id")
             .agg(pl.col("n").first())
             .select(
-                pl.lit("a").alias("side"),
-                pl.col("a_id").alias("id"),
+                pl.lit(side).alias("side"),
+                pl.col(f"{side}_id").alias("id"),
                 pl.col("n").alias("candidates"),
-            ),
-            candidates.join(matched, on="b_id", how="anti")
-            .join(b_count, on="b_id")
-            .group_by("b_id")
-            .agg(pl.col("n").first())
-            .select(
-                pl.lit("b").alias("side"),
-                pl.col("b_id").alias("id"),
-                pl.col("n").alias("candidates"),
-            ),
+            )
+            for side, count in (("a", a_count), ("b", b_count))
         ]
     ).sort("side", "id")
     new_links = (
@@ -161,16 +193,14 @@ def reconcile_flow(
             pl.lit(False).alias("tombstoned"),
             pl.lit(False).alias("has_base"),
             pl.lit(True).alias("new_link"),
-            *[pl.lit(None, dtype=links.schema[f"base.{c}"]).alias(f"base.{c}") for c in cols],
+            *[pl.lit(None, dtype=base_dtypes[c]).alias(f"base.{c}") for c in cols],
         )
     )
-    pairs = pl.concat([linked, new_links.select(linked.columns)], how="vertical_relaxed")
+    pairs = pl.concat([linked, new_links], how="diagonal_relaxed")
 
     # -- creates --------------------------------------------------------------------------------
-    touched_a = candidates.select("a_id").unique()
-    touched_b = candidates.select("b_id").unique()
-    create_b = ua.join(touched_a, on="a_id", how="anti")
-    create_a = ub.join(touched_b, on="b_id", how="anti")
+    create_b = ua.join(candidates.select("a_id"), on="a_id", how="anti")
+    create_a = ub.join(candidates.select("b_id"), on="b_id", how="anti")
     if options.mode == "limited" and options.enabled_at is not None:
         create_b = create_b.filter(pl.col("a.created") >= options.enabled_at)
         create_a = create_a.filter(pl.col("b.created") >= options.enabled_at)
@@ -178,31 +208,24 @@ def reconcile_flow(
     # -- failed and deferred records --------------------------------------------------------------
     failed = pl.concat(
         [
-            a.filter(pl.col("a.error").is_not_null() & ~pl.col("a.deleted")).select(
-                pl.lit("a").alias("side"),
-                pl.col("a_id").alias("id"),
-                pl.col("a.error").alias("reason"),
-            ),
-            b.filter(pl.col("b.error").is_not_null() & ~pl.col("b.deleted")).select(
-                pl.lit("b").alias("side"),
-                pl.col("b_id").alias("id"),
-                pl.col("b.error").alias("reason"),
-            ),
+            frame.filter(pl.col(f"{side}.error").is_not_null() & ~pl.col(f"{side}.deleted")).select(
+                pl.lit(side).alias("side"),
+                pl.col(f"{side}_id").alias("id"),
+                pl.col(f"{side}.error").alias("reason"),
+            )
+            for side, frame in (("a", a), ("b", b))
         ]
     )
     bad_pair = pl.col("a.error").is_not_null() | pl.col("b.error").is_not_null()
     waiting = pl.col("a.unresolved") | pl.col("b.unresolved")
+    reason = pl.lit("reference not linked yet").alias("reason")
     deferred = pl.concat(
         [
             pairs.filter(waiting & ~bad_pair).select(
-                pl.lit("b").alias("side"),
-                pl.col("b_id").alias("id"),
-                pl.lit("reference not linked yet").alias("reason"),
+                pl.lit("b").alias("side"), pl.col("b_id").alias("id"), reason
             ),
             create_a.filter(pl.col("b.unresolved")).select(
-                pl.lit("b").alias("side"),
-                pl.col("b_id").alias("id"),
-                pl.lit("reference not linked yet").alias("reason"),
+                pl.lit("b").alias("side"), pl.col("b_id").alias("id"), reason
             ),
         ]
     )
@@ -211,7 +234,7 @@ def reconcile_flow(
     create_a = create_a.filter(pl.col("b.error").is_null() & ~pl.col("b.unresolved"))
 
     # -- three-way merge ---------------------------------------------------------------------------
-    pairs = pairs.with_columns(_merge_exprs(cols, options.priority))
+    pairs = pairs.with_columns(_merge_exprs(cols, options.priority)).collect().lazy()
     conflicts = pl.concat(
         [
             pairs.filter(pl.col(f"conflict.{c}")).select(
@@ -227,7 +250,7 @@ def reconcile_flow(
             )
             for c in cols
         ]
-        or [_empty_ids("a_id", "b_id", "field", "a_value", "b_value", "winner")]
+        or [_empty_ids("a_id", "b_id", "field", "a_value", "b_value", "winner").lazy()]
     )
     differs = {
         side: pl.any_horizontal(
@@ -242,34 +265,55 @@ def reconcile_flow(
         if cols
         else pl.lit(False)
     )
-    pairs = pairs.with_columns(
-        differs["a"].alias("write_a"),
-        differs["b"].alias("write_b"),
-        (rebase | pl.col("new_link") | ~pl.col("has_base")).alias("rebase"),
-    ).filter(pl.col("write_a") | pl.col("write_b") | pl.col("rebase"))
-    pairs = pairs.select(
-        "a_id",
-        "b_id",
-        "new_link",
-        "write_a",
-        "write_b",
-        pl.col("a.version").alias("a_version"),
-        pl.col("b.version").alias("b_version"),
-        *[pl.col(f"{s}.{c}") for s in ("a", "b", "final") for c in cols],
+    pairs = (
+        pairs.with_columns(
+            differs["a"].alias("write_a"),
+            differs["b"].alias("write_b"),
+            (rebase | pl.col("new_link") | ~pl.col("has_base")).alias("rebase"),
+        )
+        .filter(pl.col("write_a") | pl.col("write_b") | pl.col("rebase"))
+        .select(
+            "a_id",
+            "b_id",
+            "new_link",
+            "write_a",
+            "write_b",
+            pl.col("a.version").alias("a_version"),
+            pl.col("b.version").alias("b_version"),
+            *[pl.col(f"{s}.{c}") for s in ("a", "b", "final") for c in cols],
+        )
     )
-
-    linked_count = {"a": live.height, "b": live.height}
+    (
+        pairs_df,
+        create_a_df,
+        create_b_df,
+        conflicts_df,
+        ambiguous_df,
+        deferred_df,
+        failed_df,
+    ) = pl.collect_all(
+        [
+            pairs,
+            _creates(create_a, "b", cols),
+            _creates(create_b, "a", cols),
+            conflicts,
+            ambiguous,
+            deferred,
+            failed,
+        ]
+    )
+    linked_count = {"a": known.height, "b": known.height}
     plan = Plan(
         flow=mapping.name,
         columns=cols,
-        pairs=pairs,
-        creates={"a": _creates(create_a, "b", cols), "b": _creates(create_b, "a", cols)},
-        conflicts=conflicts,
-        ambiguous=ambiguous,
+        pairs=pairs_df,
+        creates={"a": create_a_df, "b": create_b_df},
+        conflicts=conflicts_df,
+        ambiguous=ambiguous_df,
         tombstones=tombstones,
         deletes=deletes,
-        deferred=deferred,
-        failed=failed,
+        deferred=deferred_df,
+        failed=failed_df,
         read_only=options.mode == "read_only",
     )
     plan.counts = plan_counts(plan)
@@ -278,8 +322,8 @@ def reconcile_flow(
 
 
 def _candidates(
-    mapping: FlowMapping, ua: pl.DataFrame, ub: pl.DataFrame, pending: pl.DataFrame | None
-) -> pl.DataFrame:
+    mapping: FlowMapping, ua: pl.LazyFrame, ub: pl.LazyFrame, pending: pl.DataFrame | None
+) -> pl.LazyFrame:
     """(a_id, b_id) pairs of unlinked live records that match on any merge criterion."""
     parts = [
         ua.select("a_id", pl.col(f"a.key{i}").alias("key"))
@@ -293,10 +337,12 @@ def _candidates(
         names = mapping.names
         for side in SIDES:  # the side the create went to
             source_id = f"{other(side)}_id"
-            ids = pending.filter(pl.col("side") == side).select(
-                pl.col("source_id").alias(source_id)
+            ids = (
+                pending.filter(pl.col("side") == side)
+                .select(pl.col("source_id").alias(source_id))
+                .lazy()
             )
-            if not ids.height:
+            if not pending.filter(pl.col("side") == side).height:
                 continue
             mine_a = ua.join(ids, on="a_id") if side == "b" else ua
             mine_b = ub.join(ids, on="b_id") if side == "a" else ub
@@ -304,7 +350,7 @@ def _candidates(
             values_b = mine_b.select("b_id", *[pl.col(f"b.{c}").alias(c) for c in names])
             parts.append(values_a.join(values_b, on=names, nulls_equal=True).select("a_id", "b_id"))
     if not parts:
-        return _empty_ids("a_id", "b_id")
+        return _empty_ids("a_id", "b_id").lazy()
     return pl.concat(parts).unique()
 
 
@@ -351,7 +397,7 @@ def _merge_exprs(cols: list[str], priority: str) -> list[pl.Expr]:
     return exprs
 
 
-def _creates(frame: pl.DataFrame, from_side: str, cols: list[str]) -> pl.DataFrame:
+def _creates(frame: pl.LazyFrame, from_side: str, cols: list[str]) -> pl.LazyFrame:
     """Records to create on the other side: source id, source version, canonical values."""
     return frame.select(
         pl.col(f"{from_side}_id").alias("source_id"),
