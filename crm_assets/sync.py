@@ -672,3 +672,46 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
         unlinked_b=unlinked(mapped["b"], links, "b"),
         checks=checks,
     )
+
+
+@dataclass
+class FlowRun:
+    """One flow's part of a :func:`sync_once` run."""
+
+    plan: Plan
+    results: dict[str, WriteResult]
+
+
+def sync_once(
+    mappings: Sequence[FlowMapping],
+    clients: Mapping[str, CustomCrmClient | CrmOfficeClient],
+    store: SnapshotStore,
+    state: SyncState,
+    options: ReconcileOptions | None = None,
+    full_rescan: bool = False,
+) -> dict[str, FlowRun]:
+    """Everything one sync run does, without Dagster: the same steps as the asset graph.
+
+    ``clients`` by system key (``custom_crm``, ``crm_office``); flows run in the
+    order given (referenced flows first, as :func:`flow_mappings` orders them).
+    """
+    from crm_assets.sources import take_snapshot
+
+    run_id = new_run_id()
+    runs: dict[str, FlowRun] = {}
+    snapshotted: set[tuple[str, str]] = set()
+    for mapping in mappings:
+        for obj in (mapping.a, mapping.b):
+            if (obj.system_key, obj.obj) not in snapshotted:
+                take_snapshot(clients[obj.system_key], obj, store, full_rescan=full_rescan)
+                snapshotted.add((obj.system_key, obj.obj))
+        a, b = map_flow(mapping, store, state)
+        plan = plan_flow(mapping, a, b, state, options)
+        results: dict[str, WriteResult] = {}
+        confirmed: set[str] | None = None
+        for side in ("b", "a"):  # CRMOffice first, then Custom CRM (see the module docstring)
+            client = clients[mapping.side(side).system_key]
+            writer = FlowWriter(mapping, plan, state, store, client, side, run_id)
+            results[side], confirmed = writer.run(confirmed)
+        runs[mapping.name] = FlowRun(plan, results)
+    return runs
