@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo test lint lock clean
+.PHONY: install demo test lint lock clean bench bench-smoke
 
 install: $(VENV)/.installed
 
@@ -22,9 +22,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: install
+	$(BIN)/python -m benchmarks.bench
+
+bench-smoke: install
+	$(BIN)/python -m benchmarks.bench --smoke
+
 lint: install
-	$(BIN)/ruff check crm_assets crm_assets_tests
-	$(BIN)/ruff format --check crm_assets crm_assets_tests
+	$(BIN)/ruff check crm_assets crm_assets_tests benchmarks
+	$(BIN)/ruff format --check crm_assets crm_assets_tests benchmarks
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --group dev --python-version 3.11 \

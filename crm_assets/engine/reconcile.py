@@ -98,29 +98,45 @@ def reconcile_flow(
     options = options or ReconcileOptions()
     cols = mapping.names
     base_dtypes = {c: links.schema[f"base.{c}"] for c in cols}
-    a = a.lazy().rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
-    b = b.lazy().rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
-    lk = links.lazy()
+    a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
+    b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
 
     # -- existing links -------------------------------------------------------------------
-    # First on ids and one hash of the mapped values per side, which is cheap at a million
-    # links: a pair whose both sides still hash like the base did nothing since the last sync
-    # and is dropped before any value is gathered. (A hash collision could hide a change
-    # with odds of about 2^-64 per pair.)
-    def digest(prefix: str) -> pl.Expr:
-        return pl.struct([pl.col(f"{prefix}.{c}") for c in cols]).hash().alias(f"{prefix}.h")
+    # First on ids, row numbers and one hash of the mapped values per side, which is cheap
+    # at a million links: a pair whose both sides still hash like the base did nothing since
+    # the last sync and is dropped before any value is gathered; the others are gathered by
+    # row number, without another join. (A hash collision could hide a change with odds of
+    # about 2^-64 per pair.)
+    def digest(frame: pl.DataFrame, prefix: str) -> pl.Series:
+        values = frame.select([pl.col(f"{prefix}.{c}").alias(c) for c in cols])
+        return values.hash_rows().alias(f"{prefix}.h")
 
-    def slim(frame: pl.LazyFrame, side: str) -> pl.LazyFrame:
+    def slim(frame: pl.DataFrame, side: str) -> pl.LazyFrame:
         flags = [f"{side}.deleted", f"{side}.unresolved", f"{side}.error"]
-        return frame.select(f"{side}_id", *flags, digest(side))
+        return (
+            frame.select(f"{side}_id", *flags)
+            .with_columns(digest(frame, side))
+            .with_row_index(f"{side}.row")
+            .lazy()
+        )
 
-    live = lk.filter(~pl.col("tombstoned"))
     known = (
-        live.select("a_id", "b_id", "has_base", digest("base"))
+        links.select("a_id", "b_id", "tombstoned", "has_base")
+        .with_columns(digest(links, "base"))
+        .with_row_index("link.row")
+        .lazy()
         .join(slim(a, "a"), on="a_id", how="left")
         .join(slim(b, "b"), on="b_id", how="left")
         .collect()
     )
+    # records in any link, tombstoned ones included, are not matched or created again
+    linked_rows = {
+        side: pl.zeros(frame.height, pl.Boolean, eager=True).scatter(
+            known.get_column(f"{side}.row").drop_nulls(), True
+        )
+        for side, frame in (("a", a), ("b", b))
+    }
+    known = known.filter(~pl.col("tombstoned"))
     a_gone = pl.col("a.deleted").fill_null(True)
     b_gone = pl.col("b.deleted").fill_null(True)
     tombstones = known.filter(a_gone | b_gone).select(
@@ -153,19 +169,21 @@ def reconcile_flow(
         & pl.col("a.error").is_null()
         & pl.col("b.error").is_null()
     )
-    active = known.filter(~a_gone & ~b_gone & ~quiet).select("a_id", "b_id").lazy()
-    linked = (
-        active.join(live.drop("b_id"), on="a_id")
-        .join(a, on="a_id")
-        .join(b, on="b_id")
-        .with_columns(pl.lit(False).alias("new_link"))
-    )
+    active = known.filter(~a_gone & ~b_gone & ~quiet)
+    linked = pl.concat(
+        [
+            links.drop("a_id", "b_id").gather(active.get_column("link.row")),
+            a.gather(active.get_column("a.row")),
+            b.gather(active.get_column("b.row")),
+        ],
+        how="horizontal",
+    ).with_columns(pl.lit(False).alias("new_link"))
 
     # -- linking by merge criteria --------------------------------------------------------------
-    ua = a.join(lk.select("a_id"), on="a_id", how="anti").filter(~pl.col("a.deleted"))
-    ub = b.join(lk.select("b_id"), on="b_id", how="anti").filter(~pl.col("b.deleted"))
-    # what remains is small (changed pairs, unlinked records): eager from here on
-    linked, ua, ub = (f.lazy() for f in pl.collect_all([linked, ua, ub]))
+    # what remains is small (changed pairs, unlinked records): lazy plans over small frames
+    ua = a.filter(~linked_rows["a"] & ~pl.col("a.deleted")).lazy()
+    ub = b.filter(~linked_rows["b"] & ~pl.col("b.deleted")).lazy()
+    linked = linked.lazy()
     candidates = _candidates(mapping, ua, ub, pending_creates).collect().lazy()
     a_count = candidates.group_by("a_id").agg(pl.col("b_id").n_unique().alias("n"))
     b_count = candidates.group_by("b_id").agg(pl.col("a_id").n_unique().alias("n"))
@@ -213,7 +231,7 @@ def reconcile_flow(
                 pl.col(f"{side}_id").alias("id"),
                 pl.col(f"{side}.error").alias("reason"),
             )
-            for side, frame in (("a", a), ("b", b))
+            for side, frame in (("a", a.lazy()), ("b", b.lazy()))
         ]
     )
     bad_pair = pl.col("a.error").is_not_null() | pl.col("b.error").is_not_null()
@@ -224,7 +242,7 @@ def reconcile_flow(
             pairs.filter(waiting & ~bad_pair).select(
                 pl.lit("b").alias("side"), pl.col("b_id").alias("id"), reason
             ),
-            create_a.filter(pl.col("b.unresolved")).select(
+            create_a.filter(pl.col("b.unresolved") & pl.col("b.error").is_null()).select(
                 pl.lit("b").alias("side"), pl.col("b_id").alias("id"), reason
             ),
         ]

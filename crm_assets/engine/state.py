@@ -166,6 +166,10 @@ class SyncState:
         )
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
+        return self._decode_links(rows, columns)
+
+    @staticmethod
+    def _decode_links(rows: Sequence[Any], columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
         frame = pl.DataFrame(
             rows,
             schema={
@@ -193,6 +197,24 @@ class SyncState:
                 for name, dtype in columns.items()
             ],
         )
+
+    def links_for(
+        self,
+        flow: str,
+        columns: Mapping[str, pl.DataType],
+        a_ids: Iterable[str] = (),
+        b_ids: Iterable[str] = (),
+    ) -> pl.DataFrame:
+        """The links of a flow touching these ids (an incremental run's share of the state)."""
+        found: list[Any] = []
+        with self.engine.connect() as conn:
+            for column, ids in ((links.c.a_id, list(a_ids)), (links.c.b_id, list(b_ids))):
+                for start in range(0, len(ids), 5000):
+                    query = sa.select(
+                        links.c.a_id, links.c.b_id, links.c.tombstoned, links.c.base
+                    ).where(links.c.flow == flow, column.in_(ids[start : start + 5000]))
+                    found.extend(conn.execute(query).all())
+        return self._decode_links(found, columns).unique("a_id", keep="first", maintain_order=True)
 
     def live_links(self, flow: str) -> pl.DataFrame:
         """``a_id, b_id`` of a flow's links that are not tombstoned (for references)."""

@@ -1,0 +1,294 @@
+"""Benchmarks against the DESIGN section 7 targets; results to benchmarks/RESULTS.md.
+
+    .venv/bin/python -m benchmarks.bench                    # everything (minutes)
+    .venv/bin/python -m benchmarks.bench --smoke            # the smallest sizes (CI)
+
+Each measurement runs in a fresh subprocess, so its peak memory is its own.
+A missed target is reported as missed; nothing here fails on a miss, but
+plans that differ between the two implementations are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_SECONDS = 2.0
+TARGET_MEMORY_MB = 2048
+TARGET_SPEEDUP = 20.0
+TARGET_INCREMENTAL_SHARE = 0.10
+TARGET_HTTP_RATIO = 1.25
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def digest(signature: dict[str, set[tuple[Any, ...]]]) -> dict[str, str]:
+    """A stable digest per plan part, to compare plans across processes."""
+    return {
+        part: hashlib.sha256(repr(sorted(rows, key=repr)).encode()).hexdigest()[:16]
+        for part, rows in sorted(signature.items())
+    }
+
+
+# -- one measurement (runs in its own process) ---------------------------------------------------
+def measure_reconcile(size: int, impl: str) -> dict[str, Any]:
+    from benchmarks.plain import plan_signature, reconcile_plain
+    from benchmarks.synthetic import contact_mapping, generate
+    from crm_assets.engine.mapping import map_side
+    from crm_assets.engine.reconcile import reconcile_flow
+
+    state = generate(size)
+    mapping = contact_mapping()
+    refs = {"product_to_companies": state.product_links}
+    started = time.perf_counter()
+    a = map_side(state.a, mapping, "a", refs)
+    b = map_side(state.b, mapping, "b", refs)
+    mapped = time.perf_counter() - started
+    baseline = peak_mb()
+    if impl == "polars":
+        started = time.perf_counter()
+        plan = reconcile_flow(mapping, a, b, state.links)
+        seconds = time.perf_counter() - started
+        signature = plan_signature(plan)
+    else:
+        rows_a, rows_b = a.to_dicts(), b.to_dicts()
+        link_rows = state.links.to_dicts()
+        baseline = peak_mb()
+        started = time.perf_counter()
+        signature = reconcile_plain(mapping.names, len(mapping.merge), rows_a, rows_b, link_rows)
+        seconds = time.perf_counter() - started
+    return {
+        "size": size,
+        "impl": impl,
+        "map_seconds": mapped,
+        "reconcile_seconds": seconds,
+        "peak_mb": peak_mb(),
+        "baseline_mb": baseline,
+        "digest": digest(signature),
+        "counts": {k: len(v) for k, v in sorted(signature.items())},
+    }
+
+
+def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any]:
+    from benchmarks.plain import plan_signature
+    from benchmarks.synthetic import contact_mapping, generate, save_state
+    from crm_assets.engine.incremental import changed_scope, upsert_rows
+    from crm_assets.engine.mapping import map_side
+    from crm_assets.engine.reconcile import reconcile_flow
+    from crm_assets.engine.state import SyncState
+
+    state = generate(size)
+    mapping = contact_mapping()
+    url = f"sqlite:///{workdir / f'state-{size}.db'}"
+    save_state(state, mapping, SyncState(url))
+    db = SyncState(url)
+    dtypes = {c.name: c.dtype for c in mapping.columns}
+    refs = {"product_to_companies": state.product_links}
+
+    started = time.perf_counter()
+    links = db.links(mapping.name, dtypes)
+    a = map_side(state.a, mapping, "a", refs)
+    b = map_side(state.b, mapping, "b", refs)
+    full_plan = reconcile_flow(mapping, a, b, links)
+    full = time.perf_counter() - started
+
+    # the next run: `changes` records of side a read since the last run (spread over the
+    # state); the mapped frames of the last run are kept, only the changes are mapped
+    changed = state.a.gather_every(max(1, state.a.height // changes)).head(changes)
+    started = time.perf_counter()
+    a = upsert_rows(a, map_side(changed, mapping, "a", refs))
+    scope = changed_scope(mapping, a, b, db, changed_a=changed.get_column("Id"), changed_b=None)
+    plan = reconcile_flow(mapping, scope.a, scope.b, scope.links)
+    incremental = time.perf_counter() - started
+    # the same decisions as the full plan for every pair the changes touch
+    touched = set(changed.get_column("Id").to_list())
+    full_rows = {r for r in plan_signature(full_plan)["pairs"] if r[0] in touched}
+    inc_rows = {r for r in plan_signature(plan)["pairs"] if r[0] in touched}
+    if full_rows != inc_rows:
+        raise AssertionError(f"incremental plan differs: {len(full_rows)} vs {len(inc_rows)} pairs")
+    return {
+        "size": size,
+        "changes": changes,
+        "full_seconds": full,
+        "incremental_seconds": incremental,
+        "share": incremental / full,
+        "full_pairs": full_plan.pairs.height,
+        "scoped_records": scope.a.height + scope.b.height,
+        "incremental_pairs": plan.pairs.height,
+        "peak_mb": peak_mb(),
+    }
+
+
+def _child(kind: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its JSON."""
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--child", kind, "--args", json.dumps(kwargs)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{kind} {kwargs} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# -- the report ------------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def run(
+    sizes: list[int],
+    plain_max: int,
+    incremental_size: int | None,
+    http: dict[str, Any] | None,
+    out: Path,
+    command: str,
+) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- machine: {machine()}",
+        f"- command: `{command}`",
+        "",
+        "## Reconcile (DESIGN section 7: 1M x 1M in <= 2 s, <= 2 GB, >= 20x plain Python)",
+        "",
+        "Synthetic contacts: 90 % linked, 5 % changed per side, 1 % conflicting, 1 % deleted, 10 % unlinked"
+        " (half merge matches, a few ambiguous, the rest created). Map = projecting both snapshots onto the"
+        " flow's properties; reconcile = building the plan. Peak = the measuring process's peak RSS.",
+        "",
+        "| records per side | map s | reconcile s | map + reconcile s | peak MB | plain Python s | speed-up | plans identical | targets |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    failures = []
+    for size in sizes:
+        fast = _child("reconcile", size=size, impl="polars")
+        total = fast["map_seconds"] + fast["reconcile_seconds"]
+        plain_cell = speed_cell = same_cell = "not run"
+        notes = []
+        if size <= plain_max:
+            slow = _child("reconcile", size=size, impl="plain")
+            same = slow["digest"] == fast["digest"]
+            if not same:
+                failures.append(f"plans differ at {size}: {fast['counts']} vs {slow['counts']}")
+            speedup = slow["reconcile_seconds"] / fast["reconcile_seconds"]
+            plain_cell = f"{slow['reconcile_seconds']:.2f}"
+            speed_cell = f"{speedup:.1f}x"
+            same_cell = "yes" if same else "**NO**"
+            if size >= 1_000_000:
+                notes.append(f"speed-up {verdict(speedup >= TARGET_SPEEDUP)}")
+        if size >= 1_000_000:
+            notes.append(f"time {verdict(total <= TARGET_SECONDS)}")
+            notes.append(f"memory {verdict(fast['peak_mb'] <= TARGET_MEMORY_MB)}")
+        lines.append(
+            f"| {size:,} | {fast['map_seconds']:.2f} | {fast['reconcile_seconds']:.2f} | {total:.2f} "
+            f"| {fast['peak_mb']:.0f} | {plain_cell} | {speed_cell} | {same_cell} | {', '.join(notes) or '-'} |"
+        )
+        print(lines[-1], flush=True)
+    if incremental_size:
+        work = out.parent / "out"
+        work.mkdir(parents=True, exist_ok=True)
+        inc = _child("incremental", size=incremental_size, changes=1000, workdir=str(work))
+        lines += [
+            "",
+            "## Incremental run (target: 1,000 changes over the state cost <= 10 % of a full run)",
+            "",
+            "Both include reading the links and base values from the state database (SQLite).",
+            "",
+            "| records per side | changes | full run s | incremental s | share | records in scope | target |",
+            "|---|---|---|---|---|---|---|",
+            f"| {inc['size']:,} | {inc['changes']:,} | {inc['full_seconds']:.2f} | {inc['incremental_seconds']:.3f} "
+            f"| {inc['share']:.1%} | {inc['scoped_records']:,} | {verdict(inc['share'] <= TARGET_INCREMENTAL_SHARE)} |",
+        ]
+        print(lines[-1], flush=True)
+    if http:
+        lines += ["", "## Initial sync over HTTP under a rate limit", "", *http_lines(http)]
+    if failures:
+        lines += ["", "## Errors", "", *[f"- {f}" for f in failures]]
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    if failures:
+        raise SystemExit("\n".join(failures))
+    return text
+
+
+def http_lines(result: dict[str, Any]) -> list[str]:
+    ratio = result["seconds"] / result["rate_limit_seconds"]
+    return [
+        f"{result['contacts']:,} contacts and {result['products']:,} products per side, rate limit "
+        f"{result['rate_limit']:g} requests/s per CRM, embedded services on loopback.",
+        "",
+        "| requests Custom CRM | requests CRMOffice | time the rate limit imposes s | measured s | ratio | requests per record | full CRMOffice batches | target (<= 1.25x) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {result['requests_custom_crm']:,} | {result['requests_crm_office']:,} | {result['rate_limit_seconds']:.1f} "
+        f"| {result['seconds']:.1f} | {ratio:.2f}x | {result['requests_per_record']:.3f} | {result['full_batch_share']:.0%} "
+        f"| {verdict(ratio <= TARGET_HTTP_RATIO)} |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes only (CI)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--plain-max", type=int, default=1_000_000)
+    parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kwargs = json.loads(args.args)
+        if args.child == "reconcile":
+            result = measure_reconcile(**kwargs)
+        elif args.child == "incremental":
+            result = measure_incremental(kwargs["size"], kwargs["changes"], Path(kwargs["workdir"]))
+        else:
+            from benchmarks.http_sync import measure_http
+
+            result = measure_http(**kwargs)
+        print(json.dumps(result))
+        return
+    command = "python -m benchmarks.bench " + " ".join(sys.argv[1:])
+    if args.smoke:
+        out = (
+            args.out
+            if args.out != ROOT / "benchmarks" / "RESULTS.md"
+            else ROOT / "benchmarks" / "out" / "SMOKE.md"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        http = _child("http", contacts=500, products=50, rate_limit=200.0)
+        print(run([10_000], 10_000, 20_000, http, out, command))
+        return
+    http = (
+        None
+        if args.no_http
+        else _child("http", contacts=100_000, products=10_000, rate_limit=1000.0)
+    )
+    print(run(args.sizes, args.plain_max, 1_000_000, http, args.out, command))
+
+
+if __name__ == "__main__":
+    main()
