@@ -285,7 +285,7 @@ def main() -> None:
     http = (
         None
         if args.no_http
-        else _child("http", contacts=100_000, products=10_000, rate_limit=1000.0)
+        else _child("http", contacts=100_000, products=10_000, rate_limit=200.0)
     )
     print(run(args.sizes, args.plain_max, 1_000_000, http, args.out, command))
 
