@@ -32,7 +32,13 @@ class CrmError(Exception):
 
 
 class CrmUnavailable(CrmError):
-    """Transport errors, 5xx or 429 that outlasted the retries: the system is unreachable."""
+    """Transport errors, 5xx or 429 that outlasted the retries: the system is unreachable.
+
+    ``maybe_applied`` is true when a call that is not idempotent may have taken effect
+    (its answer was lost or was a 5xx): the caller resolves it instead of resending.
+    """
+
+    maybe_applied = False
 
 
 class CrmAuthError(CrmError):
@@ -142,6 +148,7 @@ def check_response(
     if status == 429 or status >= 500:
         error = CrmUnavailable(system, call, f"HTTP {status}{detail}", status)
         if status >= 500 and not retry_server_errors:
+            error.maybe_applied = True
             raise error
         raise _Retryable(error, retry_after_seconds(response))
     if status in (401, 403):
@@ -194,4 +201,5 @@ def transport_errors(system: str, call: str, retry: bool = True) -> Iterator[Non
         never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
         if retry or never_sent:
             raise _Retryable(error) from None
+        error.maybe_applied = True
         raise error from None

@@ -77,7 +77,13 @@ def _snapshot(store: SnapshotStore, mapping: FlowMapping, side: str) -> pl.DataF
 
 
 def reference_links(state: SyncState, mapping: FlowMapping) -> dict[str, pl.DataFrame]:
-    return {ref: state.live_links(ref) for ref in mapping.references}
+    """Per referenced flow, the ``a_id, b_id`` pairs references translate through.
+
+    Tombstoned links count too: a tombstoned link still says which record stood for
+    which, so a contact of a deleted product keeps its reference on both sides and
+    the rest of it keeps syncing (with live links only it would wait forever).
+    """
+    return {ref: state.links(ref, {}).select("a_id", "b_id") for ref in mapping.references}
 
 
 def map_flow(
@@ -530,14 +536,12 @@ class FlowWriter:
             try:
                 results = client.batch(self.obj.obj, create=items)
             except CrmUnavailable as exc:
-                if exc.status is None or exc.status >= 500:
-                    # the batch may have landed: the intents stay pending and the
-                    # next plan finds the records by their values before any retry
-                    self.result.failures += [
-                        (f"a:{r['source_id']}", "create", str(exc)) for r in chunk
-                    ]
-                    continue
-                raise
+                if not exc.maybe_applied:
+                    raise  # unreachable: the run fails, nothing was created
+                # the batch may have landed: the intents stay pending and the next
+                # plan finds the records by their values before any retry
+                self.result.failures += [(f"a:{r['source_id']}", "create", str(exc)) for r in chunk]
+                continue
             except CrmError as exc:
                 self.result.failures += [(f"a:{r['source_id']}", "create", str(exc)) for r in chunk]
                 continue
