@@ -244,3 +244,35 @@ def test_sources_cover_the_document():
     assert {(s.system, s.entity) for s in SOURCES} >= {
         (m.a.system, m.a.entity) for m in MAPPINGS.values()
     }
+
+
+def test_a_record_changed_between_plan_and_write_is_reread_and_remerged(sync_world: SyncWorld):
+    """No lost update: the write carries If-Match; the 412 re-reads and merges again."""
+    from crm_assets.engine.snapshot import SnapshotStore
+    from crm_assets.sync import FlowWriter, map_flow, plan_flow
+
+    with sync_world.custom_client() as a:
+        c = a.create("contacts", {"Email": "race@example.com", "Title": "Old", "Phone": "1"})
+    sync()
+    with sync_world.office_client() as b:
+        (office,) = all_records(b, "contacts")
+        b.replace("contacts", office["id"], {**office, "title": "New from CRMOffice"})
+    mapping = MAPPINGS[CONTACTS]
+    store = SnapshotStore(sync_world.data_dir / "snapshots")
+    state = sync_world.state()
+    with sync_world.custom_client() as a, sync_world.office_client() as b:
+        for source, client in ((mapping.a, a), (mapping.b, b)):
+            take_snapshot(client, source, store)
+        plan = plan_flow(mapping, *map_flow(mapping, store, state), state)
+        assert plan.counts["updates_a"] == 1
+        # someone edits another field in Custom CRM after the plan was made
+        a.update("contacts", c["Id"], {"Phone": "2"})
+        result, _ = FlowWriter(mapping, plan, state, store, a, "a", "race-run").run(set())
+        assert result.retried_412 == 1 and result.failed == 0
+        after = a.get("contacts", c["Id"])
+    assert after["Title"] == "New from CRMOffice"  # the planned write landed
+    assert after["Phone"] == "2"  # and the concurrent edit was not lost
+    sync()
+    with sync_world.office_client() as b:
+        (office,) = all_records(b, "contacts")
+    assert office["directPhone"] == "2"
