@@ -91,7 +91,9 @@ def execute_sync(
         else dg.DagsterInstance.ephemeral()
     )
     result = job.execute_in_process(
-        run_config={"ops": ops}, instance=instance, raise_on_error=False
+        run_config={"ops": ops, "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        instance=instance,
+        raise_on_error=False,
     )
     outcome = SyncOutcome(success=result.success)
     for event in result.get_asset_materialization_events():

@@ -666,12 +666,14 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
     links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
     plan = plan_flow(mapping, mapped["a"], mapped["b"], state, ReconcileOptions(mode="read_only"))
     checks = flow_checks(
-        mapping, mapped, snaps, links, plan.ambiguous, state.dead_letters(mapping.name)
+        mapping, mapped, snaps, links, plan.ambiguous, state.dead_letters(mapping.name), refs
     )
     return FlowVerification(
         flow=mapping.name,
         linked=linked_pairs(mapped["a"], mapped["b"], links),
-        disagreements=disagreements(mapping, mapped["a"], mapped["b"], links),
+        disagreements=disagreements(mapping, mapped["a"], mapped["b"], links, refs).filter(
+            ~pl.col("waiting")
+        ),
         unlinked_a=unlinked(mapped["a"], links, "a"),
         unlinked_b=unlinked(mapped["b"], links, "b"),
         checks=checks,

@@ -6,6 +6,7 @@ what the CRMs actually hold.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -23,22 +24,41 @@ def _live_pairs(a: pl.DataFrame, b: pl.DataFrame, links: pl.DataFrame) -> pl.Dat
 
 
 def disagreements(
-    mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, links: pl.DataFrame
+    mapping: FlowMapping,
+    a: pl.DataFrame,
+    b: pl.DataFrame,
+    links: pl.DataFrame,
+    reference_links: Mapping[str, pl.DataFrame] | None = None,
 ) -> pl.DataFrame:
-    """``a_id, b_id, field, a_value, b_value`` for every linked pair and field that differ."""
+    """``a_id, b_id, field, a_value, b_value, waiting`` for every linked pair and field that differ.
+
+    ``waiting`` marks a reference that cannot agree yet: it points at a record not
+    linked in the referenced flow (an ambiguous or failed one), so the sync defers it.
+    """
     pairs = _live_pairs(a, b, links)
-    parts = [
-        pairs.filter(~pl.col(f"a.{c}").eq_missing(pl.col(f"b.{c}"))).select(
-            "a_id",
-            "b_id",
-            pl.lit(c).alias("field"),
-            pl.col(f"a.{c}").cast(pl.String).alias("a_value"),
-            pl.col(f"b.{c}").cast(pl.String).alias("b_value"),
+    parts = []
+    for column in mapping.columns:
+        c = column.name
+        waiting = pl.lit(False)
+        if column.reference is not None and reference_links is not None:
+            linked = reference_links[column.reference].get_column("a_id").implode()
+            a_value = pl.col(f"a.{c}")
+            waiting = pl.col("b.unresolved") | (a_value.is_not_null() & ~a_value.is_in(linked))
+        parts.append(
+            pairs.filter(~pl.col(f"a.{c}").eq_missing(pl.col(f"b.{c}"))).select(
+                "a_id",
+                "b_id",
+                pl.lit(c).alias("field"),
+                pl.col(f"a.{c}").cast(pl.String).alias("a_value"),
+                pl.col(f"b.{c}").cast(pl.String).alias("b_value"),
+                waiting.alias("waiting"),
+            )
         )
-        for c in mapping.names
-    ]
     empty = pl.DataFrame(
-        schema=dict.fromkeys(["a_id", "b_id", "field", "a_value", "b_value"], pl.String)
+        schema={
+            **dict.fromkeys(["a_id", "b_id", "field", "a_value", "b_value"], pl.String),
+            "waiting": pl.Boolean,
+        }
     )
     return pl.concat([empty, *parts])
 
@@ -123,25 +143,31 @@ def flow_checks(
     links: pl.DataFrame,
     ambiguous: pl.DataFrame,
     dead_letters: pl.DataFrame,
+    reference_links: Mapping[str, pl.DataFrame] | None = None,
     sample_size: int = 5,
 ) -> list[CheckOutcome]:
     """The QA checklist of one flow, from what both systems hold after the writes."""
     a, b = mapped["a"], mapped["b"]
     names = {"a": mapping.a.system, "b": mapping.b.system}
     catalog = check_catalog(mapping)
-    differ = disagreements(mapping, a, b, links)
+    differ = disagreements(mapping, a, b, links, reference_links)
     linked = linked_pairs(a, b, links)
     bad_types = {side: type_violations(mapping, snapshots[side], side) for side in ("a", "b")}
     out: list[CheckOutcome] = []
     for column in mapping.columns:
-        mine = differ.filter(pl.col("field") == column.name)
+        field_rows = differ.filter(pl.col("field") == column.name)
+        mine = field_rows.filter(~pl.col("waiting")).drop("waiting")
         out.append(
             CheckOutcome(
                 name=check_name(column.name, "agrees"),
                 description=catalog[check_name(column.name, "agrees")],
                 passed=mine.height == 0,
                 severity="error",
-                counts={"linked_pairs": linked, "disagreeing": mine.height},
+                counts={
+                    "linked_pairs": linked,
+                    "disagreeing": mine.height,
+                    "waiting_on_references": field_rows.height - mine.height,
+                },
                 sample=mine.head(sample_size),
                 column=column,
             )
