@@ -40,8 +40,12 @@ def measure_http(contacts: int, products: int, rate_limit: float) -> dict[str, A
     try:
         before = {s.system: len(requests_in(s.log_path)) for s in (custom, office)}
         clients = {
-            "custom_crm": CustomCrmClient(custom.base_url, custom.credentials["api_key"]),
-            "crm_office": CrmOfficeClient(office.base_url, **office.credentials),
+            "custom_crm": CustomCrmClient(
+                custom.base_url, custom.credentials["api_key"], rate_limit=rate_limit
+            ),
+            "crm_office": CrmOfficeClient(
+                office.base_url, **office.credentials, rate_limit=rate_limit
+            ),
         }
         mappings = flow_mappings(read_document(packaged_spec_path()))
         started = time.perf_counter()

@@ -17,6 +17,7 @@ from crm_assets.http import (
     RetryPolicy,
     check_response,
     json_body,
+    pace_hook,
     transport_errors,
 )
 
@@ -80,12 +81,14 @@ class CrmOfficeClient:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         max_connections: int = 16,
+        rate_limit: float | None = None,
     ) -> None:
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"Accept": "application/json"},
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections),
+            event_hooks={"request": [pace_hook(rate_limit)]} if rate_limit else None,
         )
         self._client_id = client_id
         self._client_secret = client_secret

@@ -21,10 +21,15 @@ class CustomCrmResource(dg.ConfigurableResource):
     base_url: str = Field(description="Base URL of the Custom CRM API")
     api_key: str = Field(description="API key (set through CUSTOM_CRM_API_KEY)")
     timeout_seconds: float = 30.0
+    rate_limit: float | None = Field(None, description="requests/s to stay under (pacing)")
 
     def client(self, retry: RetryPolicy | None = None) -> CustomCrmClient:
         return CustomCrmClient(
-            self.base_url, self.api_key, timeout=self.timeout_seconds, retry=retry
+            self.base_url,
+            self.api_key,
+            timeout=self.timeout_seconds,
+            retry=retry,
+            rate_limit=self.rate_limit,
         )
 
 
@@ -35,6 +40,7 @@ class CrmOfficeResource(dg.ConfigurableResource):
     client_id: str = Field(description="OAuth2 client id (CRM_OFFICE_CLIENT_ID)")
     client_secret: str = Field(description="OAuth2 client secret (CRM_OFFICE_CLIENT_SECRET)")
     timeout_seconds: float = 30.0
+    rate_limit: float | None = Field(None, description="requests/s to stay under (pacing)")
 
     def client(self, retry: RetryPolicy | None = None) -> CrmOfficeClient:
         return CrmOfficeClient(
@@ -43,6 +49,7 @@ class CrmOfficeResource(dg.ConfigurableResource):
             self.client_secret,
             timeout=self.timeout_seconds,
             retry=retry,
+            rate_limit=self.rate_limit,
         )
 
 
@@ -67,16 +74,24 @@ class SyncStorage(dg.ConfigurableResource):
         return SnapshotStore(self.root / "snapshots")
 
 
+def _rate(name: str) -> float | None:
+    """A rate limit from the environment (requests/s); unset or 0: no pacing."""
+    return float(os.environ.get(name) or 0) or None
+
+
 def build_resources(data_dir: Path, state_url: str) -> dict[str, dg.ConfigurableResource]:
     """The resources, reading every credential through ``EnvVar``."""
     return {
         "custom_crm": CustomCrmResource(
-            base_url=dg.EnvVar("CUSTOM_CRM_BASE_URL"), api_key=dg.EnvVar("CUSTOM_CRM_API_KEY")
+            base_url=dg.EnvVar("CUSTOM_CRM_BASE_URL"),
+            api_key=dg.EnvVar("CUSTOM_CRM_API_KEY"),
+            rate_limit=_rate("CUSTOM_CRM_RATE_LIMIT"),
         ),
         "crm_office": CrmOfficeResource(
             base_url=dg.EnvVar("CRM_OFFICE_BASE_URL"),
             client_id=dg.EnvVar("CRM_OFFICE_CLIENT_ID"),
             client_secret=dg.EnvVar("CRM_OFFICE_CLIENT_SECRET"),
+            rate_limit=_rate("CRM_OFFICE_RATE_LIMIT"),
         ),
         # a URL from the environment may hold a password: pass it as EnvVar, never as text
         "storage": SyncStorage(
