@@ -1,9 +1,9 @@
 """Change detection: has a CRM object changed since a cursor? One small request when not.
 
 A cursor is, per object, the ``(modification time, id)`` of the newest record
-seen; records are listed in that order, so the first record past the cursor
-proves a change. Only then is the listing read to its end, to move the cursor
-to the newest record.
+seen; records are listed from the cursor's moment on, so the first record past
+the cursor proves a change (records sharing the cursor's moment are read past).
+Only then is the listing read to its end, to move the cursor to the newest record.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.engine.objects import SourceObject
 
 Position = tuple[str, str]  # (modification time as the API writes it, id)
+
+#: Page size of the probe: when nothing changed it returns just the records at the cursor's moment.
+PROBE_SIZE = 100
 
 
 def parse_cursor(cursor: str | None) -> dict[str, Position]:
@@ -75,8 +78,10 @@ def detect_changes(
     for source in sources:
         known = positions.get(source.obj)
         since = _moment(known[0]) if known else None
-        first = next(iter(_pages(client, source, since, 2)), [])
-        if not any(known is None or _position(r, source) > known for r in first):
+        # Many records can share the cursor's moment (a bulk import, the seed): read past
+        # them, lazily, up to the first one after the cursor.
+        probe = (r for page in _pages(client, source, since, PROBE_SIZE) for r in page)
+        if not any(known is None or _position(r, source) > known for r in probe):
             continue
         changed.append(source)
         newest = known or ("", "")
