@@ -9,6 +9,7 @@ import dagster as dg
 from crm_assets.defs.automation import build_automation
 from crm_assets.defs.flows import build_flow_assets
 from crm_assets.defs.quality import (
+    QA_REPORT_KEY,
     build_qa_report_asset,
     build_verified_asset,
     circuit_breaker_check,
@@ -41,8 +42,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     jobs = [
         dg.define_asset_job(
             f"sync_{m.name}",
+            # the QA report too, so that a sensor-started run leaves it current
             selection=dg.AssetSelection.groups(m.name)
-            | dg.AssetSelection.assets(m.a.asset_path, m.b.asset_path),
+            | dg.AssetSelection.assets(m.a.asset_path, m.b.asset_path, QA_REPORT_KEY),
             description=f"Snapshot both sides and sync '{m.title}'.",
         )
         for m in mappings

@@ -98,3 +98,18 @@ def test_nightly_schedule_rescans_every_object(sync_world: SyncWorld):
         "crm_office__contacts",
         "crm_office__companies",
     }
+
+
+def test_a_change_after_many_records_sharing_the_cursor_moment_is_seen(sync_world: SyncWorld):
+    """Regression: a bulk import (the seed) gives many records one modification time; the
+    probe must read past them, or every later tick reports 'no change' forever."""
+    sync_world.custom_crm.reset(seed=200)  # 9 seeded contacts share the final timestamp
+    result, _ = tick("custom_crm_changes", custom_resource(sync_world))
+    cursor = result.cursor
+    quiet, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
+    assert not quiet.run_requests
+    with sync_world.custom_client() as a:
+        (first, *_rest) = [r for page in a.pages("contacts") for r in page]
+        a.update("contacts", first["Id"], {"Title": "Changed after the import"})
+    result, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
+    assert jobs_of(result) == ["sync_contact_to_contacts"]
