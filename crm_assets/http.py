@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,10 +87,15 @@ class Pacer:
         else:
             self.item = RateLimitItemPerSecond(1, math.ceil(1 / per_second))
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        # the in-memory storage starts an expiry timer on first use: not safe to race
+        self._lock = threading.Lock()
 
     def wait(self) -> None:
-        while not self.limiter.hit(self.item):
-            reset = self.limiter.get_window_stats(self.item).reset_time
+        while True:
+            with self._lock:
+                if self.limiter.hit(self.item):
+                    return
+                reset = self.limiter.get_window_stats(self.item).reset_time
             time.sleep(min(1.0, max(0.001, reset - time.time())))
 
 
