@@ -172,6 +172,8 @@ def run(
         "",
         f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
         f"- machine: {machine()}",
+        f"- load average at the start (1/5/15 min): {' / '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        " (other work on the machine slows every number below)",
         f"- command: `{command}`",
         "",
         "## Reconcile (DESIGN section 7: 1M x 1M in <= 2 s, <= 2 GB, >= 20x plain Python)",
