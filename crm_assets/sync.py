@@ -43,7 +43,7 @@ from crm_assets.sources import SOURCES
 log = logging.getLogger("crm_assets.sync")
 
 #: Concurrent single calls to Custom CRM (its client's connection pool is as large).
-CUSTOM_CRM_CONCURRENCY = 8
+CUSTOM_CRM_CONCURRENCY = 16
 
 
 def flow_mappings(document: DataflowDocument) -> list[FlowMapping]:
@@ -207,6 +207,8 @@ class FlowWriter:
         self.result = WriteResult(side=side)
         self.refs = reference_links(state, mapping)
         self.cols = mapping.names
+        #: conflicts found after a 412: an edit made during the run beat a planned value
+        self.late_conflicts: list[dict[str, Any]] = []
 
     # -- entry point --------------------------------------------------------------------------
     def run(self, confirmed_other: set[str] | None = None) -> tuple[WriteResult, set[str]]:
@@ -223,6 +225,8 @@ class FlowWriter:
             self._settle_links()
         pairs = plan.pairs.filter(pl.col(f"write_{self.side}"))
         confirmed = self._updates(pairs)
+        if self.late_conflicts:
+            self.state.record_audit(self.run_id, flow, self.late_conflicts)
         self._finalize_bases(confirmed, confirmed_other, first)
         self._creates(plan.creates[self.side])
         self._deletes(plan.deletes[self.side])
@@ -241,6 +245,9 @@ class FlowWriter:
         self.result.tombstoned = self.state.tombstone(
             flow, plan.tombstones.select("a_id", "b_id").iter_rows(), self.run_id
         )
+        # a tombstoned link has nothing left to write: its dead letters (e.g. an update that
+        # met a record deleted before a full rescan noticed) would otherwise stay forever
+        self._settle_dead_letters(plan.tombstones)
         no_write = plan.pairs.filter(~pl.col("write_a") & ~pl.col("write_b"))
         new_with_writes = plan.pairs.filter(
             pl.col("new_link") & (pl.col("write_a") | pl.col("write_b"))
@@ -248,6 +255,12 @@ class FlowWriter:
         rows = [(r[0], r[1], r[2]) for r in self._with_base(no_write)]
         rows += [(a, b, None) for a, b in new_with_writes.select("a_id", "b_id").iter_rows()]
         self.state.save_links(flow, rows, self.run_id)
+        self._settle_dead_letters(no_write)
+        # a record linked now needs no create: a create whose answer was lost (and whose
+        # record the lookup found) leaves no dead letter behind
+        new = plan.pairs.filter(pl.col("new_link"))
+        self.state.resolve_dead_letters(flow, "b", [f"a:{i}" for i in new.get_column("a_id")])
+        self.state.resolve_dead_letters(flow, "a", [f"b:{i}" for i in new.get_column("b_id")])
         self.result.linked = plan.pairs.filter(pl.col("new_link")).height
         if plan.conflicts.height:
             self.state.record_audit(
@@ -284,6 +297,15 @@ class FlowWriter:
             other_ok = list(confirmed_other or set())
             done = pairs.filter(~pl.col(f"write_{other}") | pl.col("a_id").is_in(other_ok))
         self.state.save_links(self.mapping.name, self._with_base(done), self.run_id)
+        self._settle_dead_letters(done)
+
+    def _settle_dead_letters(self, pairs: pl.DataFrame) -> None:
+        """Pairs settled as planned (or tombstoned) have no write outstanding: an earlier
+        failure of one of their records (e.g. an update a newer edit made moot) is done."""
+        for side in ("a", "b"):
+            self.state.resolve_dead_letters(
+                self.mapping.name, side, pairs.get_column(f"{side}_id").to_list()
+            )
 
     # -- updates ---------------------------------------------------------------------------------
     def _side_values(self, frame: pl.DataFrame) -> pl.DataFrame:
@@ -404,7 +426,23 @@ class FlowWriter:
         for c, f in zip(self.cols, self._fields(), strict=True):
             planned_old = row.get(f"cur.{c}")
             if not _same(fresh_vals[c], planned_old):
-                continue  # changed again on this side since the plan: the newer edit stays
+                # changed again on this side since the plan: the newer edit stays; if the
+                # plan meant another value, that value lost a conflict: keep it in the audit
+                planned = row.get(f"fin.{c}")
+                if not _same(planned, planned_old) and not _same(planned, fresh_vals[c]):
+                    self.late_conflicts.append(
+                        {
+                            "kind": "conflict",
+                            "side": self.side,
+                            "a_id": row["a_id"],
+                            "b_id": row["b_id"],
+                            "field": c,
+                            "old_value": _audit_text(planned),
+                            "new_value": _audit_text(fresh_vals[c]),
+                            "note": "changed during the run (412): the newer edit won",
+                        }
+                    )
+                continue
             out[f] = row[f]
         needed = {f: v for f, v in out.items() if not _same(fresh.get(f), v)}
         return needed or None
@@ -625,6 +663,15 @@ def describe_item_error(error: Any) -> str:
             )
         return str(error.get("message") or error)
     return str(error)
+
+
+def _audit_text(value: Any) -> str | None:
+    """A canonical value as the audit log keeps it (as polars casts it to text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _same(x: Any, y: Any) -> bool:
