@@ -326,9 +326,12 @@ class FlowWriter:
         bad = values.filter(pl.col("error").is_not_null())
         for row in bad.iter_rows(named=True):
             self.result.failures.append((row[f"{self.side}_id"], "update", row["error"]))
-        waiting = values.filter(pl.col("error").is_null() & pl.col("unresolved"))
-        self.result.deferred += waiting.height
-        good = values.filter(pl.col("error").is_null() & ~pl.col("unresolved"))
+        # a reference not linked yet waits; the record's other fields are written now
+        # (its base stays as it was, so the next runs finish the write)
+        self.result.deferred += values.filter(
+            pl.col("error").is_null() & pl.col("unresolved")
+        ).height
+        good = values.filter(pl.col("error").is_null())
         current = pairs.select(
             "a_id", *[pl.col(f"{self.side}.{c}").alias(f"cur.{c}") for c in self.cols]
         )
@@ -391,11 +394,14 @@ class FlowWriter:
     def _rid(self, row: Mapping[str, Any]) -> str:
         return row[f"{self.side}_id"]
 
-    def _audit_rows(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _audit_rows(
+        self, row: Mapping[str, Any], skip: frozenset[str] = frozenset()
+    ) -> list[dict[str, Any]]:
+        """One audit row per field the write changed (compared as canonical values)."""
         out = []
         for c, f in zip(self.cols, self._fields(), strict=True):
-            old, new = row.get(f"cur.{c}"), row.get(f)
-            if not _same(old, new):
+            old, new = row.get(f"cur.{c}"), row.get(f"fin.{c}")
+            if f not in skip and not _same(old, new):
                 out.append(
                     {
                         "kind": "update",
@@ -423,7 +429,10 @@ class FlowWriter:
             return None
         fresh_vals = mapped.row(0, named=True)
         out: dict[str, Any] = {}
+        waiting = self._waiting_fields(row)
         for c, f in zip(self.cols, self._fields(), strict=True):
+            if f in waiting:
+                continue
             planned_old = row.get(f"cur.{c}")
             if not _same(fresh_vals[c], planned_old):
                 # changed again on this side since the plan: the newer edit stays; if the
@@ -466,14 +475,17 @@ class FlowWriter:
             f for f in self.obj.fields if f not in ("id", "createdAt", "updatedAt", "rowVersion")
         ]
         confirmed: set[str] = set()
-        jobs = list(rows.iter_rows(named=True))
+        # a record whose only change is a reference still waiting is not written at all
+        # (a no-op write would look like a change to the sensors, run after run)
+        jobs = [r for r in rows.iter_rows(named=True) if self._changes_now(r)]
         audit = []
         for start in range(0, len(jobs), BATCH_SIZE):
             chunk = jobs[start : start + BATCH_SIZE]
             items = []
             for row in chunk:
                 record = {f: by_id.get(row["b_id"], {}).get(f) for f in writable}
-                record.update({f: row[f] for f in fields})
+                keep = self._waiting_fields(row)  # left as the record has them
+                record.update({f: row[f] for f in fields if f not in keep})
                 item = unflatten(record)
                 item["id"] = row["b_id"]
                 if row["b_version"] is not None:
@@ -497,14 +509,33 @@ class FlowWriter:
                     self.result.failures.append((row["b_id"], "update", f"HTTP {status}: {err}"))
                     ok = False
                 if ok:
-                    confirmed.add(row["a_id"])
                     self.result.updated += 1
-                    audit += self._audit_rows(row)
+                    audit += self._audit_rows(row, self._waiting_fields(row))
+                    if not row["unresolved"]:
+                        confirmed.add(row["a_id"])
         self.state.record_audit(self.run_id, self.mapping.name, audit)
         self.state.resolve_dead_letters(
             self.mapping.name, "b", [r["b_id"] for r in jobs if r["a_id"] in confirmed]
         )
         return confirmed
+
+    def _changes_now(self, row: Mapping[str, Any]) -> bool:
+        """Whether writing the row changes a field that is not waiting on a reference."""
+        waiting = self._waiting_fields(row)
+        return any(
+            f not in waiting and not _same(row[f"fin.{c}"], row[f"cur.{c}"])
+            for c, f in zip(self.cols, self._fields(), strict=True)
+        )
+
+    def _waiting_fields(self, row: Mapping[str, Any]) -> frozenset[str]:
+        """This side's reference fields of a row whose reference is not linked yet."""
+        if not row["unresolved"]:
+            return frozenset()
+        return frozenset(
+            c.a_field if self.side == "a" else c.b_field
+            for c in self.mapping.columns
+            if c.reference
+        )
 
     def _replace_after_412(self, row: Mapping[str, Any], item: dict[str, Any]) -> bool:
         client = self.client

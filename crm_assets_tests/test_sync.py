@@ -276,3 +276,26 @@ def test_a_record_changed_between_plan_and_write_is_reread_and_remerged(sync_wor
     with sync_world.office_client() as b:
         (office,) = all_records(b, "contacts")
     assert office["directPhone"] == "2"
+
+
+def test_a_waiting_reference_does_not_hold_back_the_other_fields(sync_world: SyncWorld):
+    with sync_world.custom_client() as a, sync_world.office_client() as b:
+        prod = a.create("products", {"Name": "Twin Co"})
+        b.create("companies", {"name": "Twin Co"})
+        b.create("companies", {"name": "Twin Co"})  # ambiguous: the product stays unlinked
+        c = a.create("contacts", {"Email": "wait@example.com", "ProductId": prod["Id"]})
+        b.create("contacts", {"email": " WAIT@example.com ", "title": "Boss"})
+    sync()
+    with sync_world.custom_client() as a, sync_world.office_client() as b:
+        a.update("contacts", c["Id"], {"Phone": "+47 1"})
+    sync()
+    with sync_world.custom_client() as a, sync_world.office_client() as b:
+        (office,) = all_records(b, "contacts")
+        custom = a.get("contacts", c["Id"])
+        assert custom["Title"] == "Boss"
+        assert office["directPhone"] == "+47 1"  # written although company.id waits
+        assert office["email"] == custom["Email"]
+        assert office["company"] is None
+    check = verify(sync_world, CONTACTS)
+    assert check.disagreements.height == 0  # the reference is waiting, not disagreeing
+    assert writes(sync()) == {"crm_office": 0, "custom_crm": 0}  # waits without no-op writes
