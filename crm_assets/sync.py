@@ -233,9 +233,21 @@ class FlowWriter:
         self.result.deferred += plan.deferred.filter(pl.col("side") == self.side).height
         self.result.unchanged = plan.pairs.filter(~pl.col(f"write_{self.side}")).height
         self.result.conflicts = plan.conflicts.height if first else 0
+        # records of the other side that could not be read as their object says
+        source = "a" if self.side == "b" else "b"
+        unreadable = plan.failed.filter(pl.col("side") == source)
+        self.state.replace_dead_letters(
+            flow,
+            self.side,
+            "read",
+            [
+                (f"{source}:{i}", reason)
+                for i, reason in unreadable.select("id", "reason").iter_rows()
+            ],
+        )
         if self.result.failures:
             self.state.dead_letter(flow, [(self.side, i, a, m) for i, a, m in self.result.failures])
-        self.result.failed = len(self.result.failures)
+        self.result.failed = len(self.result.failures) + unreadable.height
         self.state.settle_intents(flow)
         return self.result, confirmed
 

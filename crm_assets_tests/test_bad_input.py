@@ -92,11 +92,6 @@ GOOD_TEXT = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: a value of the wrong JSON type is read as null by the snapshot "
-    "(records_to_frame), so it is neither synced nor reported as a per-record error",
-)
 def test_wrong_json_types_get_a_dead_letter(sync_world: SyncWorld):
     planted = []
     with sync_world.custom_client() as a:

@@ -17,7 +17,7 @@ import polars as pl
 
 from crm_assets.engine.document import DataflowDocument, Flow
 from crm_assets.engine.objects import SourceObject
-from crm_assets.engine.snapshot import DELETED, FIELD_DTYPES
+from crm_assets.engine.snapshot import DELETED, ERROR, FIELD_DTYPES
 
 #: canonical dtype per document data type (``None`` is N/A: compared as text)
 CANONICAL: dict[str | None, pl.DataType] = {
@@ -234,7 +234,11 @@ def map_side(
     for i, (a_field, b_field) in enumerate(mapping.merge):
         field = a_field if side == "a" else b_field
         exprs.append(normalize_key(pl.col(field), field).alias(f"key{i}"))
-    exprs.append(_conversion_errors(checks).alias("error"))
+    unreadable = pl.col(ERROR) if ERROR in snapshot.columns else pl.lit(None, dtype=pl.String)
+    errors = pl.concat_str(
+        [unreadable, _conversion_errors(checks)], separator="; ", ignore_nulls=True
+    )
+    exprs.append(pl.when(errors != "").then(errors).alias("error"))
     exprs.append(
         pl.any_horizontal(unresolved).fill_null(False).alias("unresolved")
         if unresolved

@@ -9,6 +9,7 @@ newest modification time), so a snapshot and its cursor can never disagree.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,8 @@ from typing import Any
 import polars as pl
 
 DELETED = "_deleted"
+#: why a record could not be read as its object's fields say (null: it could)
+ERROR = "_error"
 
 #: polars dtype per field kind of the connectors' field lists
 FIELD_DTYPES: dict[str, pl.DataType] = {
@@ -34,7 +37,8 @@ FIELD_DTYPES: dict[str, pl.DataType] = {
 def schema(fields: Mapping[str, str]) -> pl.Schema:
     """The Parquet schema of a snapshot of an object with these fields."""
     return pl.Schema(
-        {name: FIELD_DTYPES[kind] for name, kind in fields.items()} | {DELETED: pl.Boolean()}
+        {name: FIELD_DTYPES[kind] for name, kind in fields.items()}
+        | {DELETED: pl.Boolean(), ERROR: pl.String()}
     )
 
 
@@ -55,28 +59,53 @@ def records_to_frame(
 ) -> pl.DataFrame:
     """API records as a typed frame; unknown fields dropped, missing ones null.
 
-    Values of the wrong JSON type become null rather than failing the snapshot.
+    A value of the wrong JSON type (text where a number belongs, an object where
+    text belongs) is not read as null, which would look like a cleared field: the
+    record gets a message in ``_error`` and the sync leaves it alone.
     """
-    flat = [flatten(r) for r in records]
+    records = list(records)
     target = schema(fields)
     columns = []
+    problems = []
     for name, kind in fields.items():
-        values = [_scalar(row.get(name)) for row in flat]
+        raw = [_get(r, name) for r in records]
+        values = [None if isinstance(v, list | dict) else v for v in raw]
         if kind == "datetime":
             text = pl.Series(name, values, dtype=pl.String(), strict=False)
-            columns.append(
-                text.str.to_datetime(time_unit="us", strict=False).dt.convert_time_zone("UTC")
-            )
+            typed = text.str.to_datetime(time_unit="us", strict=False).dt.convert_time_zone("UTC")
         else:
-            columns.append(pl.Series(name, values, dtype=target[name], strict=False))
+            typed = pl.Series(name, values, dtype=target[name], strict=False)
+        columns.append(typed)
+        lost = pl.Series([v is not None for v in raw], dtype=pl.Boolean()) & typed.is_null()
+        if lost.any():
+            shown = [None if v is None else json.dumps(v, default=str)[:60] for v in raw]
+            problems.append(
+                pl.when(lost).then(
+                    pl.format(
+                        "{}: {} is not {}",
+                        pl.lit(name),
+                        pl.lit(pl.Series(shown, dtype=pl.String())),
+                        pl.lit(kind),
+                    )
+                )
+            )
     frame = pl.DataFrame(columns)
     deleted = pl.col(deleted_field).fill_null(False) if deleted_field else pl.lit(False)
-    return frame.with_columns(deleted.alias(DELETED)).cast(dict(target))
+    joined = pl.concat_str(problems, separator="; ", ignore_nulls=True)
+    error = pl.when(joined != "").then(joined) if problems else pl.lit(None)
+    return frame.with_columns(deleted.alias(DELETED), error.cast(pl.String).alias(ERROR)).cast(
+        dict(target)
+    )
 
 
-def _scalar(value: Any) -> Any:
-    """Lists and objects where a scalar belongs are wrong types: null, not a crash."""
-    return None if isinstance(value, list | dict) else value
+def _get(record: Mapping[str, Any], name: str) -> Any:
+    """The value at a dotted path (``visitAddress.postCode``); null when a parent is null."""
+    value: Any = record
+    for part in name.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
 
 
 @dataclass(frozen=True)
@@ -120,7 +149,12 @@ def merge_snapshot(
     )
     if previous is None:
         previous = fetched.clear()
-    previous = previous.select(fetched.columns).cast(fetched.schema, strict=False)
+    missing = [c for c in fetched.columns if c not in previous.columns]  # an older snapshot
+    previous = (
+        previous.with_columns(pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing)
+        .select(fetched.columns)
+        .cast(fetched.schema, strict=False)
+    )
     joined = fetched.join(previous, on=id_field, how="left", suffix="__prev")
     is_new = pl.col(f"{DELETED}__prev").is_null()
     new = joined.filter(is_new & ~pl.col(DELETED)).height

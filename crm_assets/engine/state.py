@@ -401,6 +401,28 @@ class SyncState:
                         )
                     )
 
+    def replace_dead_letters(
+        self, flow: str, side: str, action: str, failures: Sequence[tuple[str, str]]
+    ) -> None:
+        """The letters of one action are exactly these ``(record id, message)`` now.
+
+        For failures that are a state of the data (a record that cannot be read) rather
+        than of a call: a record fixed at its source stops being a dead letter.
+        """
+        keep = [record_id for record_id, _message in failures]
+        with self.engine.begin() as conn:
+            stale = dead_letters.delete().where(
+                dead_letters.c.flow == flow,
+                dead_letters.c.side == side,
+                dead_letters.c.action == action,
+            )
+            if keep:
+                stale = stale.where(dead_letters.c.record_id.not_in(keep))
+            conn.execute(stale)
+        self.dead_letter(
+            flow, [(side, record_id, action, message) for record_id, message in failures]
+        )
+
     def resolve_dead_letters(self, flow: str, side: str, record_ids: Iterable[str]) -> None:
         ids = list(record_ids)
         with self.engine.begin() as conn:
