@@ -228,6 +228,10 @@ def run(
         print(lines[-1], flush=True)
     if http:
         lines += ["", "## Initial sync over HTTP under a rate limit", "", *http_lines(http)]
+    lines += [
+        "",
+        "See the notes at the end of the committed RESULTS.md for what dominates each time.",
+    ]
     if failures:
         lines += ["", "## Errors", "", *[f"- {f}" for f in failures]]
     text = "\n".join(lines) + "\n"
