@@ -976,7 +976,7 @@ def test_random_histories_converge_over_http(
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(histories(races=False, max_rounds=1, max_ops=5))
+    @given(histories(races=False, max_rounds=1, max_ops=4))
     def check(history: list[tuple[Any, ...]]) -> None:
         runs["n"] += 1
         a, b = _custom_crm_process, _crm_office_process
