@@ -899,6 +899,8 @@ def engine_slice(seed_value: int, examples: int) -> tuple[Stats, str | None]:
     return stats, None
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # 500 histories; a loaded machine needs more than the default 300 s
 def test_random_histories_converge_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLARS_MAX_THREADS", "1")  # for the worker processes
     workers = max(1, min(len(ENGINE_SLICES), os.cpu_count() or 1))
