@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +28,7 @@ from conftest import SyncWorld
 from embedded_fixtures import EmbeddedService
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from test_convergence import figure_writer, out  # noqa: F401  (figure_writer: behind out)
 
 from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.engine.document import read_document
@@ -40,12 +40,6 @@ from crm_assets.sync import flow_mappings, sync_once
 
 MAPPINGS = flow_mappings(read_document(packaged_spec_path()))
 CONTACTS, PRODUCTS = "contact_to_contacts", "product_to_companies"
-
-
-def out(text: str) -> None:
-    """A figure for the CI log, past pytest's capture."""
-    sys.__stdout__.write(text + "\n")
-    sys.__stdout__.flush()
 
 
 def plant(service: EmbeddedService, table: str, record_id: str, changes: dict[str, Any]) -> None:

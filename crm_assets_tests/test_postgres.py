@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,14 @@ import sqlalchemy as sa
 import test_sync
 from conftest import SyncWorld
 from hypothesis import HealthCheck, given, seed, settings
-from test_convergence import MemoryWorld, Stats, histories, run_history
+from test_convergence import (  # noqa: F401  (figure_writer: the fixture behind out)
+    MemoryWorld,
+    Stats,
+    figure_writer,
+    histories,
+    out,
+    run_history,
+)
 
 from crm_assets.engine.state import SyncState
 
@@ -38,12 +44,6 @@ SCENARIOS = {
     if name.startswith("test_") and "sync_world" in inspect.signature(test).parameters
 }
 globals().update(SCENARIOS)
-
-
-def out(text: str) -> None:
-    """A figure for the CI log, past pytest's capture."""
-    sys.__stdout__.write(text + "\n")
-    sys.__stdout__.flush()
 
 
 def server_url() -> str:

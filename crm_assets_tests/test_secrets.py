@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from embedded_fixtures import EmbeddedService, free_port
+from test_convergence import figure_writer, out  # noqa: F401  (figure_writer: behind out)
 
 from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
@@ -35,12 +36,6 @@ from crm_assets.headless import execute_sync
 from crm_assets.http import CrmAuthError, RetryPolicy
 
 UI_TIMEOUT = 90.0
-
-
-def out(text: str) -> None:
-    """A figure for the CI log, past pytest's capture."""
-    sys.__stdout__.write(text + "\n")
-    sys.__stdout__.flush()
 
 
 class Haystack:
