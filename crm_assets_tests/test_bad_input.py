@@ -69,8 +69,7 @@ BAD_OFFICE = [
     ("name missing", "companies", {"name": None}, "Name"),
     ("invalid e-mail", "contacts", {"email": "@@"}, "Email"),
 ]
-#: values of the wrong JSON type: today the snapshot reads them as null (no error, the value
-#: is not synced); see test_wrong_json_types_get_a_dead_letter (a known defect, not fixed yet)
+#: values of the wrong JSON type: a dead letter naming the field, never read as a cleared field
 WRONG_TYPES_CUSTOM = [
     ("title of the wrong JSON type", "contacts", {"Title": {"nested": True}}, "Title"),
     ("ProductNumber not a number", "products", {"ProductNumber": "12-34"}, "ProductNumber"),
@@ -95,8 +94,17 @@ def test_wrong_json_types_get_a_dead_letter(sync_world: SyncWorld):
             plant(sync_world.custom_crm, obj, made["Id"], values)
             planted.append(f"a:{made['Id']}")
     assert execute_sync().success
-    letters = set(sync_world.state().dead_letters()["record_id"].to_list())
-    assert set(planted) <= letters
+    letters = {
+        r["record_id"]: r["message"]
+        for r in sync_world.state().dead_letters().iter_rows(named=True)
+    }
+    assert set(planted) <= set(letters)
+    for record_id, (what, _obj, _values, field) in zip(planted, WRONG_TYPES_CUSTOM, strict=True):
+        assert field in letters[record_id], (what, letters[record_id])
+    out(
+        f"\nwrong JSON types: {len(planted)} records (object for a string, text for an integer, "
+        f"text for a boolean) -> {len(planted)} dead letters naming the field"
+    )
 
 
 def test_bad_records_get_a_clear_dead_letter_and_everything_else_syncs(sync_world: SyncWorld):

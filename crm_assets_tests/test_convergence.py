@@ -912,7 +912,6 @@ def engine_slice(seed_value: int, examples: int) -> tuple[Stats, str | None]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 500 histories; a loaded machine needs more than the default 300 s
 @pytest.mark.timeout(1200)  # about 2 minutes on an idle 2-core machine; far more when shared
 def test_random_histories_converge_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLARS_MAX_THREADS", "1")  # for the worker processes
