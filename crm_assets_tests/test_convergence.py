@@ -972,13 +972,22 @@ def test_regression_histories() -> None:
             ("rescan",),
         ]
     )
+    @example(  # an edit of a nested field during the run was overwritten after the 412
+        [
+            ("create", "a", "product", {"Name": "Acme AS", "Active": True}),
+            ("rescan",),
+            ("edit", "a", "product", 0, 0, "fresh"),
+            ("race", 5, "fresh"),
+            ("rescan",),
+        ]
+    )
     def check(history: list[tuple[Any, ...]]) -> None:
         with memory_world() as world:
             run_history(world, history, stats)
 
     check()
     out("\n" + stats.line("regression histories (explicit examples)"))
-    assert stats.histories == 4 and stats.duplicates == 0 and stats.losses == 0
+    assert stats.histories == 5 and stats.duplicates == 0 and stats.losses == 0
 
 
 # -- (b) over HTTP, the embedded services and crm-assets sync -----------------------------------

@@ -99,7 +99,13 @@ def records_to_frame(
 
 
 def _get(record: Mapping[str, Any], name: str) -> Any:
-    """The value at a dotted path (``visitAddress.postCode``); null when a parent is null."""
+    """The value at a dotted path (``visitAddress.postCode``); null when a parent is null.
+
+    A record already flattened (``{"visitAddress.postCode": ...}``, as the sync re-reads a
+    record after a 412) holds the path as one key.
+    """
+    if name in record:
+        return record[name]
     value: Any = record
     for part in name.split("."):
         if not isinstance(value, Mapping):
