@@ -274,3 +274,34 @@ def _ensure_running(service: EmbeddedService) -> None:
     if service.process is None or service.process.poll() is not None:
         service.process = None
         service.start()
+
+
+@contextlib.contextmanager
+def truncated_json_server(body: bytes, requests: list[str] | None = None) -> Iterator[str]:
+    """A stand-in CRM on 127.0.0.1 whose GET answers are ``200`` with ``body`` cut mid-JSON.
+
+    Real HTTP, for the one answer the embedded services never give: a malformed page.
+    """
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Truncated(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if requests is not None:
+                requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Truncated)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import SyncWorld
-from embedded_fixtures import EmbeddedService
+from embedded_fixtures import EmbeddedService, truncated_json_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from test_convergence import figure_writer, out  # noqa: F401  (figure_writer: behind out)
@@ -189,27 +187,8 @@ def test_bad_records_get_a_clear_dead_letter_and_everything_else_syncs(sync_worl
 @pytest.fixture
 def truncating_server() -> Iterator[str]:
     """A Custom CRM stand-in whose list answers are cut off mid-JSON."""
-
-    class Truncated(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b'{"items": [{"Id": "C-1", "FirstName": "Cut'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Truncated)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with truncated_json_server(b'{"items": [{"Id": "C-1", "FirstName": "Cut') as url:
+        yield url
 
 
 def test_truncated_page_fails_the_run_clearly_and_writes_nothing(

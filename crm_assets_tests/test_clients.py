@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
     custom_crm_service,
     embedded_service_factory,
     free_port,
+    truncated_json_server,
 )
 
 from crm_assets.crm_office.client import CrmOfficeClient
@@ -355,31 +355,10 @@ def test_stale_version_raises_conflict_and_changes_nothing(
 def test_malformed_json_page_is_a_protocol_error() -> None:
     """A 200 whose body is cut off is a clear CrmProtocolError, not a crash or a retry loop."""
     requests: list[str] = []
-
-    class Truncated(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            body = b'{"items": [{"Id": "1"'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Truncated)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    with truncated_json_server(b'{"items": [{"Id": "1"', requests) as base_url:
         client = CustomCrmClient(base_url, "key", retry=IMPATIENT)
         with client, pytest.raises(CrmProtocolError) as caught:
             next(client.pages("contacts"))
-    finally:
-        server.shutdown()
-        server.server_close()
     message = str(caught.value)
     assert "Custom CRM" in message and "GET /api/contacts" in message
     assert "malformed JSON" in message
