@@ -167,7 +167,11 @@ def plan_signature(plan: Any) -> dict[str, set[tuple[Any, ...]]]:
         "pairs": set(pairs.iter_rows()),
         "creates_a": {r for r in plan.creates["a"].select("source_id", *cols).iter_rows()},
         "creates_b": {r for r in plan.creates["b"].select("source_id", *cols).iter_rows()},
-        "conflicts": set(plan.conflicts.iter_rows()),
+        "conflicts": set(
+            plan.conflicts.select(
+                "a_id", "b_id", "field", "a_value", "b_value", "winner"
+            ).iter_rows()
+        ),
         "ambiguous": set(plan.ambiguous.iter_rows()),
         "tombstones": set(plan.tombstones.iter_rows()),
         "deferred": set(plan.deferred.select("side", "id").iter_rows()),

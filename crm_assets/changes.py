@@ -1,26 +1,27 @@
 """Change detection: has a CRM object changed since a cursor? One small request when not.
 
 A cursor is, per object, the ``(modification time, id)`` of the newest record
-seen; records are listed from the cursor's moment on, so the first record past
-the cursor proves a change (records sharing the cursor's moment are read past).
-Only then is the listing read to its end, to move the cursor to the newest record.
+seen; records are listed from the cursor's moment on, so a record past the cursor
+is a change (records sharing the cursor's moment are read past), unless its
+version is one the sync wrote itself: then it only moves the cursor.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from crm_assets.crm_office.client import CrmOfficeClient
-from crm_assets.custom_crm.client import CustomCrmClient
+from crm_assets.connector import CrmClient
 from crm_assets.engine.objects import SourceObject
+from crm_assets.engine.state import CLOCK_RESOLUTION_SECONDS, significant
 
 Position = tuple[str, str]  # (modification time as the API writes it, id)
 
-#: Page size of the probe: when nothing changed it returns just the records at the cursor's moment.
-PROBE_SIZE = 100
+#: Page size of the listing; when nothing changed it returns just the records at the
+#: cursor's moment.
+PAGE_SIZE = 500
 
 
 def parse_cursor(cursor: str | None) -> dict[str, Position]:
@@ -56,37 +57,51 @@ def _position(record: dict[str, Any], source: SourceObject) -> Position:
     return (moment, str(record.get(source.id_field) or ""))
 
 
-def _pages(
-    client: CustomCrmClient | CrmOfficeClient,
-    source: SourceObject,
-    since: datetime | None,
-    size: int,
-):
-    if isinstance(client, CustomCrmClient):
-        return client.pages(source.obj, since, include_deleted=True, limit=size)
-    return client.pages(source.obj, since, take=size)
+#: Of ``(record id, modification time)`` pairs of an object, the ids the sync wrote itself.
+OwnWrites = Callable[[SourceObject, list[Position]], set[str]]
 
 
 def detect_changes(
-    client: CustomCrmClient | CrmOfficeClient,
+    client: CrmClient,
     sources: Iterable[SourceObject],
     positions: dict[str, Position],
+    own_writes: OwnWrites | None = None,
 ) -> tuple[list[SourceObject], dict[str, Position]]:
-    """The objects changed since their positions, and the positions after those changes."""
+    """The objects changed since their positions, and the positions after those changes.
+
+    A record whose version the sync wrote itself (``own_writes``) moves the position but
+    is no change: the sync's writes do not start another run. A record dated after the
+    CRM's own now (its clock as its ``Date`` headers say) is neither a change nor a
+    position: a cursor past the CRM's now would skip every later edit.
+    """
     changed: list[SourceObject] = []
     new_positions = dict(positions)
     for source in sources:
         known = positions.get(source.obj)
         since = _moment(known[0]) if known else None
-        # Many records can share the cursor's moment (a bulk import, the seed): read past
-        # them, lazily, up to the first one after the cursor.
-        probe = (r for page in _pages(client, source, since, PROBE_SIZE) for r in page)
-        if not any(known is None or _position(r, source) > known for r in probe):
-            continue
-        changed.append(source)
-        newest = known or ("", "")
-        for page in _pages(client, source, since, 500):
-            for record in page:
-                newest = max(newest, _position(record, source))
-        new_positions[source.obj] = newest
+        now = _crm_now(client)
+        newest, edited = known or ("", ""), False
+        # When nothing changed this reads the records at the cursor's moment: one request.
+        for page in client.pages(source.obj, since, PAGE_SIZE):
+            fresh = [
+                p
+                for r in page
+                if (p := _position(r, source))[0] <= now and (known is None or p > known)
+            ]
+            if not fresh:
+                continue
+            newest = max(newest, *fresh)
+            if not edited:
+                mine = own_writes(source, fresh) if own_writes else set()
+                edited = any(record_id not in mine for _t, record_id in fresh)
+        if newest != (known or ("", "")):
+            new_positions[source.obj] = newest
+        if edited:
+            changed.append(source)
     return changed, new_positions
+
+
+def _crm_now(client: CrmClient) -> str:
+    """The CRM's now as a position's time: our clock plus its measured offset."""
+    offset = significant(client.clock_offset()) + CLOCK_RESOLUTION_SECONDS
+    return (datetime.now(UTC) + timedelta(seconds=offset)).isoformat(timespec="microseconds")

@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from crm_assets.connectors import connector_by_key
 from crm_assets.defs.automation import build_automation
 from crm_assets.defs.flows import build_flow_assets
 from crm_assets.defs.quality import (
@@ -14,12 +15,24 @@ from crm_assets.defs.quality import (
     build_verified_asset,
     circuit_breaker_check,
 )
+from crm_assets.defs.records import build_record_assets
 from crm_assets.defs.resources import build_resources
 from crm_assets.defs.snapshots import build_snapshot_assets
 from crm_assets.defs.sync_assets import build_sync_assets
 from crm_assets.engine.document import read_document
+from crm_assets.engine.lease import release_held
 from crm_assets.settings import DEFAULTS, Settings
-from crm_assets.sync import flow_mappings
+from crm_assets.sync import flow_set
+
+#: The run tag naming the flow a run syncs: instances limit it to one run per value.
+FLOW_TAG = "crm_sync/flow"
+
+
+@dg.failure_hook
+def release_leases(context: dg.HookContext) -> None:
+    """A failed step (a breaker trip, an unreachable CRM) ends the run's writes: give the
+    flows it holds back at once instead of letting the next run wait for the expiry."""
+    release_held(context.run_id)
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -29,7 +42,11 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         if default:
             os.environ.setdefault(name, default)
     document = read_document(settings.spec_path)
-    mappings = flow_mappings(document)
+    flows = flow_set(document, skip_unsupported=settings.skip_unsupported)
+    mappings = flows.mappings
+    connectors = {
+        obj.system_key: connector_by_key(obj.system_key) for m in mappings for obj in (m.a, m.b)
+    }
     by_name = {m.name: m for m in mappings}
     sync_assets = [
         asset
@@ -37,11 +54,14 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         for asset in (
             *build_sync_assets(m, [by_name[r] for r in m.references]),
             build_verified_asset(m),
+            *build_record_assets(m),
         )
     ]
     jobs = [
         dg.define_asset_job(
             f"sync_{m.name}",
+            hooks={release_leases},
+            tags={FLOW_TAG: m.name},
             # the QA report too, so that a sensor-started run leaves it current
             selection=dg.AssetSelection.groups(m.name)
             | dg.AssetSelection.assets(m.a.asset_path, m.b.asset_path, QA_REPORT_KEY),
@@ -51,7 +71,11 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     ]
     jobs.append(
         dg.define_asset_job(
-            "sync_all", selection=dg.AssetSelection.all(), description="Every flow."
+            "sync_all",
+            selection=dg.AssetSelection.all(),
+            description="Every flow.",
+            hooks={release_leases},
+            tags={FLOW_TAG: "all"},
         )
     )
     sensors, schedules = build_automation(mappings, {j.name: j for j in jobs})
@@ -59,18 +83,22 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         sensors=sensors,
         schedules=schedules,
         assets=[
-            *build_snapshot_assets(document),
+            *build_snapshot_assets(mappings),
             *build_flow_assets(document, settings.data_dir),
             *sync_assets,
-            build_qa_report_asset(document, mappings),
+            build_qa_report_asset(document, mappings, flows.skipped),
         ],
         asset_checks=[circuit_breaker_check(m) for m in mappings],
         jobs=jobs,
-        resources=build_resources(settings.data_dir, settings.state_url),
+        resources=build_resources(connectors.values(), settings.data_dir, settings.state_url),
         # one process per run: a sync is a short chain of steps, and a subprocess per
         # step would cost more than the steps themselves (edit-to-visible latency)
         executor=dg.in_process_executor,
     )
 
 
-defs = build_definitions(Settings.from_env())
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What Dagster loads: built when asked, so importing this module never fails on a
+    bad document (the CLI turns that into one line; the UI shows it as a load error)."""
+    return build_definitions(Settings.from_env())

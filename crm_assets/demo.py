@@ -1,7 +1,8 @@
-"""The demo: both embedded CRMs, seeded, plus the Dagster UI, in one command.
+"""The demo: the embedded CRMs the document's flows use, seeded, plus the Dagster UI.
 
-The services listen where ``CUSTOM_CRM_BASE_URL`` and ``CRM_OFFICE_BASE_URL``
-point, so the Dagster resources (which read the same variables) reach them.
+Each service listens where its connector's base URL setting (``CUSTOM_CRM_BASE_URL``,
+``CRM_OFFICE_BASE_URL``, ...) points, so the Dagster resources (which read the
+same variables) reach them.
 Everything stops together on Ctrl-C.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from crm_assets.connectors import CONNECTORS
 from crm_assets.settings import Settings
+from crm_assets.settings import env as configured
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -61,13 +65,24 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         process.wait()
 
 
-#: The demo's Dagster instance: one sync run at a time, so two runs never write the same records.
+#: The demo's Dagster instance: runs of different flows side by side, runs of one flow
+#: queued (the run tag per flow, and each flow's pool of steps); the flow's lease in
+#: the state database keeps one writer per flow whatever an instance says.
 DAGSTER_YAML = """\
+# written by `crm-assets demo` on every start
 run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
   config:
-    max_concurrent_runs: 1
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: crm_sync/flow
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
+concurrency:
+  pools:
+    default_limit: 1
 telemetry:
   enabled: false
 """
@@ -84,26 +99,47 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def port_taken(port: int) -> bool:
+    """Whether something already listens on 127.0.0.1:``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def run_demo(seed: int, port: int) -> int:
     """Run the demo until interrupted; returns the Dagster UI's exit code."""
+    wanted = {"the Dagster UI (--port)": port}
+    for connector in CONNECTORS:
+        setting = connector.setting("base_url")
+        if setting is not None:
+            wanted[f"{connector.system} ({setting.name})"] = (
+                urlsplit(configured(setting.name)).port or 0
+            )
+    taken = [f"{what} on port {p}" for what, p in wanted.items() if p and port_taken(p)]
+    if taken:  # refuse before starting anything (another demo may be running)
+        print(
+            f"error: port already in use: {', '.join(taken)}; stop the other demo or choose "
+            "other ports",
+            file=sys.stderr,
+        )
+        return 2
     settings = Settings.from_env()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    # resolved once: every child (services, webserver, daemon, runs) uses the same folder
+    env["CRM_SYNC_DATA_DIR"] = str(settings.data_dir)
+    print(f"data directory: {settings.data_dir}", flush=True)
     home = Path(env.setdefault("DAGSTER_HOME", str(settings.data_dir / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
     workspace = settings.data_dir / "workspace.yaml"
     workspace.write_text(WORKSPACE_YAML)
     children: list[subprocess.Popen[bytes]] = []
     for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
         signal.signal(signum, _interrupt)
     try:
-        for system, url in (
-            ("custom-crm", settings.custom_crm_base_url),
-            ("crm-office", settings.crm_office_base_url),
-        ):
-            children.append(start_service(system, url, settings.data_dir, seed))
+        for connector in CONNECTORS:
+            url = configured(connector.setting("base_url").name)  # type: ignore[union-attr]
+            children.append(start_service(connector.slug, url, settings.data_dir, seed))
         ui = subprocess.Popen(
             [
                 sys.executable,

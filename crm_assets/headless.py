@@ -13,8 +13,15 @@ from typing import Any
 
 import dagster as dg
 
+from crm_assets.connectors import CONNECTORS, UnsupportedFlow, with_fix
 from crm_assets.definitions import build_definitions
+from crm_assets.defs.sync_assets import VIA_TAG
+from crm_assets.engine.checks import NO_PROPERTIES
+from crm_assets.engine.document import DocumentError, read_document
+from crm_assets.engine.mapping import MappingError
 from crm_assets.settings import Settings
+from crm_assets.sync import FlowFiles, flow_set
+from crm_assets.sync.preview import preview
 
 #: The metadata a summary line shows per asset, when present.
 SUMMARY_KEYS = (
@@ -23,10 +30,6 @@ SUMMARY_KEYS = (
     "changed",
     "deleted",
     "links_new",
-    "updates_a",
-    "updates_b",
-    "creates_a",
-    "creates_b",
     "conflicts",
     "ambiguous",
     "created",
@@ -48,6 +51,7 @@ class SyncOutcome:
     """What one in-process sync did: success, metadata per asset, failed steps."""
 
     success: bool
+    run_id: str = ""
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     #: "<asset>:<check>" → (passed, severity, metadata)
@@ -60,12 +64,17 @@ class SyncOutcome:
         return self.metadata.get(asset, {})
 
 
+#: The steps of a flow a dry run materializes: up to the plan.
+DRY_RUN_STEPS = ("dataflow", "mapped", "reconciled")
+
+
 def execute_sync(
     flow: str | None = None,
     dry_run: bool = False,
     full_rescan: bool = False,
     force: bool = False,
     settings: Settings | None = None,
+    rebuild_links: bool = False,
 ) -> SyncOutcome:
     """Materialize one flow (or all) in-process against the configured CRMs."""
     defs = build_definitions(settings or Settings.from_env())
@@ -76,14 +85,21 @@ def execute_sync(
         raise KeyError(f"no flow {flow!r} (flows: {known})")
     job = defs.resolve_job_def(job_name)
     in_job = {node.name for node in job.graph.node_defs}
+    snapshot_groups = {c.key for c in CONNECTORS}
     ops: dict[str, Any] = {}
+    selection: list[dg.AssetKey] = []
     for key in defs.resolve_asset_graph().get_all_asset_keys():
         name = op_name(key)
         if name not in in_job:
             continue
+        if dry_run and key.path[0] not in snapshot_groups and key.path[-1] not in DRY_RUN_STEPS:
+            continue  # a dry run plans: no write, no verification, no report
+        selection.append(key)
         if key.path[-1] == "reconciled":
-            ops[name] = {"config": {"dry_run": dry_run, "force": force}}
-        elif key.path[0] in ("custom_crm", "crm_office"):
+            ops[name] = {
+                "config": {"dry_run": dry_run, "force": force, "rebuild_links": rebuild_links}
+            }
+        elif key.path[0] in snapshot_groups:
             ops[name] = {"config": {"full_rescan": full_rescan}}
     instance = (
         dg.DagsterInstance.get()
@@ -91,11 +107,13 @@ def execute_sync(
         else dg.DagsterInstance.ephemeral()
     )
     result = job.execute_in_process(
-        run_config={"ops": ops, "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        run_config={"ops": ops, "loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
         instance=instance,
         raise_on_error=False,
+        tags={VIA_TAG: "crm-assets sync"},
+        asset_selection=selection if dry_run else None,
     )
-    outcome = SyncOutcome(success=result.success)
+    outcome = SyncOutcome(success=result.success, run_id=result.run_id)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization  # type: ignore[union-attr]
         outcome.metadata[mat.asset_key.to_user_string()] = {
@@ -111,32 +129,127 @@ def execute_sync(
     for event in result.all_events:
         if event.is_failure and event.step_key:
             err = event.event_specific_data.error if event.event_specific_data else None  # type: ignore[union-attr]
-            lines = (getattr(err, "message", "") or "").strip().splitlines()
-            outcome.failures.append(
-                f"{event.step_key}: {lines[-1] if lines else 'see the run log'}"
-            )
+            outcome.failures.append(f"{event.step_key}: {root_cause(err)}")
     return outcome
 
 
+def root_cause(error: Any) -> str:
+    """The innermost error's first line, without its exception class: what went wrong,
+    prefixed by its kind in brackets when it is one the CLI knows (``[CrmAuthError] ...``)."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    lines = (getattr(error, "message", "") or "").strip().splitlines()
+    if not lines:
+        return "see the run log"
+    head, sep, rest = lines[0].partition(": ")
+    text = rest if sep and "." in head and " " not in head else lines[0]
+    kind = getattr(error, "cls_name", "") or ""
+    return f"[{kind}] {text}" if kind in KNOWN_ERRORS else text
+
+
+#: Exception classes whose failures the CLI reports as one line with an exit code of its own.
+KNOWN_ERRORS = {"CrmAuthError": "credentials", "CrmUnavailable": "unreachable"}
+
+
+#: How a step failure caused by another writer's lease reads (see crm_assets.engine.lease).
+LEASE_HELD = " is being synced by "
+
+#: How a refusal to sync over a lost state reads (see crm_assets.sync.planning).
+STATE_REFUSED = "the state database has no links for this flow"
+
+#: Exit codes of ``crm-assets sync`` per kind of failure (listed in the README).
+EXIT = {
+    "run_failed": 1,
+    "document": 2,
+    "unsupported": 3,
+    "lease_held": 4,
+    "state_refused": 5,
+    "breaker": 6,
+    "credentials": 7,
+    "unreachable": 8,
+}
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def print_preview(settings: Settings, run_id: str, limit: int = 20) -> None:
+    """Per flow, the first records a dry run would create or change (nothing was written)."""
+    flows = flow_set(read_document(settings.spec_path), settings.skip_unsupported)
+    for mapping in flows.mappings:
+        files = FlowFiles.of_run(settings.data_dir / "flows" / mapping.name, run_id)
+        if files.plan_written_at() is None:
+            continue
+        lines = preview(files.load_plan(), mapping, limit)
+        print(f"{mapping.name}: would write " + (f"(first {limit}):" if lines else "nothing"))
+        for line in lines:
+            print(f"  {line}")
+
+
 def run_sync(
-    flow: str | None = None, dry_run: bool = False, full_rescan: bool = False, force: bool = False
+    flow: str | None = None,
+    dry_run: bool = False,
+    full_rescan: bool = False,
+    force: bool = False,
+    rebuild_links: bool = False,
 ) -> int:
-    """``crm-assets sync``: run and print a summary; 0 when the run succeeded."""
+    """``crm-assets sync``: run and print a summary; 0 when the run succeeded.
+
+    Known failures are one line on stderr and an exit code of their own (:data:`EXIT`).
+    """
+    settings = Settings.from_env()
+    print(f"data directory: {settings.data_dir}", flush=True)
     try:
-        outcome = execute_sync(flow, dry_run, full_rescan, force)
+        outcome = execute_sync(flow, dry_run, full_rescan, force, settings, rebuild_links)
     except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
+        return _fail(EXIT["document"], f"{exc.args[0]} (choose with --flow)")
+    except (DocumentError, MappingError) as exc:
+        return _fail(EXIT["document"], f"{exc} (fix the document or CRM_SYNC_SPEC)")
+    except UnsupportedFlow as exc:
+        return _fail(
+            EXIT["unsupported"],
+            f"{exc} (sync another document, or set CRM_SYNC_SKIP_UNSUPPORTED=1 to skip such flows)",
+        )
+    except OSError as exc:
+        name = exc.filename or "the document"
+        return _fail(EXIT["document"], f"cannot read {name}: {exc.strerror} (check CRM_SYNC_SPEC)")
     for asset, metadata in outcome.metadata.items():
-        shown = {k: v for k, v in metadata.items() if k in SUMMARY_KEYS}
+        shown = {
+            k: v
+            for k, v in metadata.items()
+            if k in SUMMARY_KEYS or k.startswith(("updates_in_", "creates_in_"))
+        }
         parts = ", ".join(f"{k.removeprefix('dagster/')}={v}" for k, v in shown.items())
         print(f"{asset:45s} {parts}".rstrip())
+    if dry_run:
+        print_preview(settings, outcome.run_id)
     failed = outcome.failed_checks()
     print(f"checks: {len(outcome.checks) - len(failed)} of {len(outcome.checks)} pass")
     for name in failed:
         _passed, severity, metadata = outcome.checks[name]
         counts = {k: v for k, v in metadata.items() if isinstance(v, int)}
         print(f"  {severity:5s} {name} {counts}")
+    for name in outcome.failed_checks():
+        if name.endswith(f":{NO_PROPERTIES}"):
+            print(
+                f"{name.split('/')[0]}: no properties to sync (the flow's property table is empty)"
+            )
+    for marker, kind in (
+        (LEASE_HELD, "lease_held"),
+        (STATE_REFUSED, "state_refused"),
+        ("circuit breaker: ", "breaker"),
+        *((f"[{cls}] ", kind) for cls, kind in KNOWN_ERRORS.items()),
+    ):
+        known = [f for f in outcome.failures if marker in f]
+        if known:  # one line, as for any known failure
+            message = known[0].split(": ", 1)[1]
+            if marker.startswith("["):
+                message = message.removeprefix(marker)
+            if kind in ("credentials", "unreachable"):
+                message = with_fix(kind, message)
+            return _fail(EXIT[kind], message)
     for failure in outcome.failures:
         print(f"FAILED {failure}", file=sys.stderr)
-    return 0 if outcome.success else 1
+    return 0 if outcome.success else EXIT["run_failed"]

@@ -2,6 +2,10 @@
 
 Errors say which system, which call and why, never with credentials: request
 headers are not part of any message, and URLs carry no secrets.
+
+Every response a client receives is read with a size bound (``max_response_bytes``)
+and its ``Date`` header sampled for the server's clock offset (``clock_offset()``);
+both happen in the client's httpx response hook, so every call is covered.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ import json
 import logging
 import math
 import random
+import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -27,6 +34,13 @@ from limits.strategies import MovingWindowRateLimiter
 log = logging.getLogger("crm_assets.http")
 
 T = TypeVar("T")
+R = TypeVar("R")
+C = TypeVar("C", bound="HttpClient")
+
+
+def rfc3339(moment: datetime) -> str:
+    """An RFC 3339 timestamp in UTC with microseconds, as the CRM APIs take them."""
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class CrmError(Exception):
@@ -241,3 +255,133 @@ def transport_errors(system: str, call: str, retry: bool = True) -> Iterator[Non
             raise _Retryable(error) from None
         error.maybe_applied = True
         raise error from None
+
+
+#: The largest response body a client reads (decoded bytes), unless told otherwise.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+#: ``clock_offset()`` is the median of this many latest ``Date`` samples.
+CLOCK_SAMPLES = 20
+
+
+def read_bounded(system: str, response: httpx.Response, limit: int) -> None:
+    """Read a streamed ``response`` into memory, refusing a body above ``limit`` bytes.
+
+    A ``Content-Length`` above the limit is refused before any of the body is read; a body
+    without one is read chunk by chunk and refused as soon as it passes the limit. Either
+    way a :class:`CrmProtocolError` naming the limit is raised and the rest is never read
+    (the response is closed, its connection discarded). The limit applies to the body as
+    the caller gets it, after any ``Content-Encoding`` is undone, so a compressed body
+    cannot expand past it either.
+    """
+    call = f"{response.request.method} {response.request.url.path}"
+    declared = response.headers.get("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise CrmProtocolError(
+            system,
+            call,
+            f"response of {int(declared)} bytes (Content-Length) exceeds the "
+            f"{limit}-byte limit (max_response_bytes)",
+        )
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise CrmProtocolError(
+                system,
+                call,
+                f"response body exceeds the {limit}-byte limit (max_response_bytes); "
+                f"stopped reading after {len(body)} bytes",
+            )
+    # What Response.read() stores: the send that called the hook finds the body read.
+    response._content = bytes(body)
+
+
+def date_offset(response: httpx.Response, received: datetime) -> float | None:
+    """Server ``Date`` minus ``received`` (local UTC at receipt), seconds; None without one."""
+    value = response.headers.get("Date")
+    if not value:
+        return None
+    try:
+        server = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if server.tzinfo is None:
+        server = server.replace(tzinfo=UTC)
+    return (server - received).total_seconds()
+
+
+class HttpClient:
+    """What every CRM client shares: one pooled httpx client, pacing, retries, closing,
+    a bound on response size and a reading of the server's clock.
+
+    Every response (each retry and token call too) passes the client's response hook:
+    its ``Date`` header is sampled (:meth:`clock_offset`) and its body read with
+    :func:`read_bounded`: a body above ``max_response_bytes`` raises
+    :class:`CrmProtocolError` (not retried) without being read whole.
+    """
+
+    system = "CRM"
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        timeout: float,
+        retry: RetryPolicy | None,
+        max_connections: int,
+        rate_limit: float | None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        hooks: dict[str, list[Callable[..., Any]]] = {"response": [self._on_response]}
+        if rate_limit:
+            hooks["request"] = [pace_hook(rate_limit)]
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Accept": "application/json", **headers},
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections),
+            event_hooks=hooks,
+        )
+        self.retry = retry or RetryPolicy()
+        self.max_response_bytes = max_response_bytes
+        self._clock_samples: deque[float] = deque(maxlen=CLOCK_SAMPLES)
+        self._clock_lock = threading.Lock()
+
+    def _on_response(self, response: httpx.Response) -> None:
+        """The response hook: sample the Date header, then read the body within the bound."""
+        offset = date_offset(response, datetime.now(UTC))
+        if offset is not None:
+            with self._clock_lock:
+                self._clock_samples.append(offset)
+        read_bounded(self.system, response, self.max_response_bytes)
+
+    def clock_offset(self) -> float | None:
+        """How far the server's clock is ahead of ours (seconds; negative: behind).
+
+        The median of the last 20 samples of ``Date`` header minus local UTC time at
+        receipt; None before any response with a ``Date``. The header has 1 s resolution
+        (truncated to the second), so a sample reads up to 1 s low (0.5 s on average)
+        plus the network latency: good for spotting a clock that is seconds, minutes or
+        hours off, not for sub-second corrections.
+        """
+        with self._clock_lock:
+            samples = list(self._clock_samples)
+        return statistics.median(samples) if samples else None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_parallel(calls: int, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` over ``items`` with at most ``calls`` at once, results in order."""
+    items = list(items)
+    if calls <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(calls, len(items))) as pool:
+        return list(pool.map(fn, items))

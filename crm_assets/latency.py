@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import sys
 import time
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from crm_assets.connectors import CRM_OFFICE, CUSTOM_CRM
 from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.http import CrmError
@@ -332,12 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     started = datetime.now(UTC)
     run = secrets.token_hex(3)
-    custom = CustomCrmClient(settings.custom_crm_base_url, settings.custom_crm_api_key)
-    office = CrmOfficeClient(
-        settings.crm_office_base_url,
-        settings.crm_office_client_id,
-        settings.crm_office_client_secret,
-    )
+    custom = CustomCrmClient.from_settings(CUSTOM_CRM.client_settings(os.environ))
+    office = CrmOfficeClient.from_settings(CRM_OFFICE.client_settings(os.environ))
     with custom, office:
         crms = Crms(custom, office)
         try:

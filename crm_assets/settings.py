@@ -1,7 +1,8 @@
 """Configuration from the environment, one place for every name and its demo default.
 
 Plain Python (no Dagster) so the CLI, the embedded services and the engine share it.
-The Dagster resources read the same names through ``EnvVar``.
+Each connector declares its own settings (``crm_assets/<crm>/connector.py``);
+the Dagster resources read the same names through ``EnvVar``.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-#: Every configuration variable with its demo default (listed in the README).
-DEFAULTS: dict[str, str] = {
-    "CUSTOM_CRM_BASE_URL": "http://127.0.0.1:8101",
-    "CUSTOM_CRM_API_KEY": "demo-custom-crm-key",
-    "CRM_OFFICE_BASE_URL": "http://127.0.0.1:8102",
-    "CRM_OFFICE_CLIENT_ID": "demo-client",
-    "CRM_OFFICE_CLIENT_SECRET": "demo-client-secret",
+from crm_assets.connectors import CONNECTORS
+
+#: The sync's own settings with their defaults (listed in the README).
+SYNC_DEFAULTS: dict[str, str] = {
     "CRM_SYNC_DATA_DIR": ".crm_sync",
     "CRM_SYNC_STATE_URL": "",  # empty: SQLite file in CRM_SYNC_DATA_DIR
     "CRM_SYNC_SPEC": "",  # empty: the packaged document
+    "CRM_SYNC_SKIP_UNSUPPORTED": "",  # set: flows no connector provides are skipped, not errors
+}
+
+#: Every configuration variable with its demo default: the connectors' and the sync's.
+DEFAULTS: dict[str, str] = {
+    **{s.name: s.default for c in CONNECTORS for s in c.settings},
+    **SYNC_DEFAULTS,
 }
 
 #: The names that hold secrets: never logged, never shown.
-SECRET_NAMES = ("CUSTOM_CRM_API_KEY", "CRM_OFFICE_CLIENT_SECRET")
+SECRET_NAMES = tuple(s.name for c in CONNECTORS for s in c.settings if s.secret)
 
 
 def env(name: str) -> str:
@@ -39,27 +44,19 @@ def packaged_spec_path() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """A snapshot of the configuration at one moment."""
+    """The sync's own settings at one moment (each CRM's are its connector's)."""
 
-    custom_crm_base_url: str
-    custom_crm_api_key: str
-    crm_office_base_url: str
-    crm_office_client_id: str
-    crm_office_client_secret: str
     data_dir: Path
     state_url: str
     spec_path: Path
+    skip_unsupported: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
         data_dir = Path(env("CRM_SYNC_DATA_DIR")).resolve()
         return cls(
-            custom_crm_base_url=env("CUSTOM_CRM_BASE_URL"),
-            custom_crm_api_key=env("CUSTOM_CRM_API_KEY"),
-            crm_office_base_url=env("CRM_OFFICE_BASE_URL"),
-            crm_office_client_id=env("CRM_OFFICE_CLIENT_ID"),
-            crm_office_client_secret=env("CRM_OFFICE_CLIENT_SECRET"),
             data_dir=data_dir,
             state_url=env("CRM_SYNC_STATE_URL") or f"sqlite:///{data_dir / 'state.db'}",
             spec_path=Path(env("CRM_SYNC_SPEC")) if env("CRM_SYNC_SPEC") else packaged_spec_path(),
+            skip_unsupported=env("CRM_SYNC_SKIP_UNSUPPORTED").lower() in ("1", "true", "yes"),
         )

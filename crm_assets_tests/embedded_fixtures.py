@@ -10,7 +10,8 @@ Import into a test module or conftest.py::
   one process per test module, wiped (``/_admin/reset``) before every test, so each test
   starts from an empty CRM with no faults. Yields an :class:`EmbeddedService`.
 - ``embedded_service_factory``: ``start(system, seed=..., rate_limit=..., faults=...,
-  token_ttl=..., data_dir=...)`` for a service with other options; all stopped afterwards.
+  token_ttl=..., max_body_bytes=..., data_dir=...)`` for a service with other options;
+  all stopped afterwards.
 - :func:`start_service` does the same outside pytest.
 """
 
@@ -26,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,7 @@ class EmbeddedService:
     rate_limit: float | None = None
     faults: bool = False
     token_ttl: int | None = None
+    max_body_bytes: int | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _token: str | None = field(default=None, repr=False)
@@ -71,6 +74,13 @@ class EmbeddedService:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The service's own process id (the Popen runs the Python server directly)."""
+        if self.process is None:
+            raise RuntimeError(f"{self.system} is not running")
+        return self.process.pid
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = STARTUP_TIMEOUT) -> EmbeddedService:
@@ -99,6 +109,8 @@ class EmbeddedService:
             cmd += ["--rate-limit", str(self.rate_limit)]
         if self.faults:
             cmd.append("--faults")
+        if self.max_body_bytes is not None:
+            cmd += ["--max-body-bytes", str(self.max_body_bytes)]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / f"{self.system}.log"
         with self.log_path.open("ab") as log:
@@ -197,6 +209,7 @@ def start_service(
     rate_limit: float | None = None,
     faults: bool = False,
     token_ttl: int | None = None,
+    max_body_bytes: int | None = None,
     port: int | None = None,
     credentials: dict[str, str] | None = None,
 ) -> EmbeddedService:
@@ -210,6 +223,7 @@ def start_service(
         rate_limit=rate_limit,
         faults=faults,
         token_ttl=token_ttl,
+        max_body_bytes=max_body_bytes,
     )
     return service.start()
 
@@ -277,31 +291,49 @@ def _ensure_running(service: EmbeddedService) -> None:
 
 
 @contextlib.contextmanager
-def truncated_json_server(body: bytes, requests: list[str] | None = None) -> Iterator[str]:
-    """A stand-in CRM on 127.0.0.1 whose GET answers are ``200`` with ``body`` cut mid-JSON.
+def stand_in_server(
+    answer: Callable[[BaseHTTPRequestHandler], None], requests: list[str] | None = None
+) -> Iterator[str]:
+    """A stand-in CRM on 127.0.0.1 whose GET calls ``answer(handler)`` to write the response.
 
-    Real HTTP, for the one answer the embedded services never give: a malformed page.
+    Real HTTP, for answers the embedded services never give (malformed, oversized). Yields
+    the base URL; ``requests`` collects the paths asked for.
     """
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
 
-    class Truncated(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if requests is not None:
                 requests.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer(self)
 
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Truncated)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def truncated_json_server(body: bytes, requests: list[str] | None = None) -> Iterator[str]:
+    """A stand-in CRM on 127.0.0.1 whose GET answers are ``200`` with ``body`` cut mid-JSON.
+
+    Real HTTP, for the one answer the embedded services never give: a malformed page.
+    """
+
+    def truncated(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with stand_in_server(truncated, requests) as url:
+        yield url

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
+import pytest
 from conftest import SyncWorld
 from embedded_fixtures import free_port
 
 from crm_assets.changes import format_cursor, parse_cursor
 from crm_assets.definitions import build_definitions
-from crm_assets.defs.resources import CrmOfficeResource, CustomCrmResource
+from crm_assets.defs.resources import CrmResource, SyncStorage
+from crm_assets.headless import execute_sync
 from crm_assets.settings import Settings
 
 
@@ -21,22 +23,31 @@ def tick(sensor_name: str, resources: dict[str, Any], cursor: str | None = None)
     return sensor.evaluate_tick(context), context
 
 
+def storage(world: SyncWorld) -> SyncStorage:
+    return SyncStorage(data_dir=str(world.data_dir), state_url=world.state_url)
+
+
 def custom_resource(world: SyncWorld) -> dict[str, Any]:
     svc = world.custom_crm
     return {
-        "custom_crm": CustomCrmResource(base_url=svc.base_url, api_key=svc.credentials["api_key"])
+        "custom_crm": CrmResource(
+            connector="custom_crm", base_url=svc.base_url, secret=svc.credentials["api_key"]
+        ),
+        "storage": storage(world),
     }
 
 
-def office_resource(world: SyncWorld) -> dict[str, Any]:
+def office_resource(world: SyncWorld, secret: str | None = None) -> dict[str, Any]:
     svc = world.crm_office
     creds = svc.credentials
     return {
-        "crm_office": CrmOfficeResource(
+        "crm_office": CrmResource(
+            connector="crm_office",
             base_url=svc.base_url,
-            client_id=creds["client_id"],
-            client_secret=creds["client_secret"],
-        )
+            account=creds["client_id"],
+            secret=secret or creds["client_secret"],
+        ),
+        "storage": storage(world),
     }
 
 
@@ -78,11 +89,14 @@ def test_crm_office_sensor_sees_its_own_objects(sync_world: SyncWorld):
 
 def test_unreachable_crm_skips_the_tick_and_keeps_the_cursor(sync_world: SyncWorld):
     closed = f"http://127.0.0.1:{free_port()}"
-    resources = {"custom_crm": CustomCrmResource(base_url=closed, api_key="irrelevant")}
+    resources = {
+        "custom_crm": CrmResource(connector="custom_crm", base_url=closed, secret="irrelevant"),
+        "storage": storage(sync_world),
+    }
     cursor = format_cursor({"contacts": ("2026-01-01T00:00:00.000000+00:00", "C-1")})
     result, context = tick("custom_crm_changes", resources, cursor)
     assert not result.run_requests
-    assert "unreachable, cursor kept" in result.skip_message
+    assert "Custom CRM is unreachable, cursor kept" in result.skip_message
     assert context.cursor == cursor
 
 
@@ -113,3 +127,31 @@ def test_a_change_after_many_records_sharing_the_cursor_moment_is_seen(sync_worl
         a.update("contacts", first["Id"], {"Title": "Changed after the import"})
     result, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
     assert jobs_of(result) == ["sync_contact_to_contacts"]
+
+
+def test_refused_credentials_fail_the_tick_naming_the_setting(sync_world: SyncWorld):
+    with pytest.raises(Exception, match="CRM_OFFICE_CLIENT_SECRET") as failed:
+        tick("crm_office_changes", office_resource(sync_world, secret="wrong-secret"))
+    assert "wrong-secret" not in str(failed.value)
+
+
+def test_the_syncs_own_writes_start_no_run_but_a_users_edit_does(sync_world: SyncWorld):
+    with sync_world.custom_client() as a:
+        c = a.create("contacts", {"Email": "own@example.com", "Title": "CTO"})
+    first, _ = tick("crm_office_changes", office_resource(sync_world))
+    before = first.cursor
+    assert execute_sync().success  # creates the contact in CRMOffice
+    quiet, _ = tick("crm_office_changes", office_resource(sync_world), before)
+    print(f"\nafter the sync's own create: {quiet.skip_message!r}")
+    assert not quiet.run_requests and "own writes" in quiet.skip_message
+    assert quiet.cursor != before  # moved past the sync's write
+    with sync_world.custom_client() as a:
+        a.update("contacts", c["Id"], {"Title": "CEO"})
+    assert execute_sync().success  # an update the sync makes: still its own
+    again, _ = tick("crm_office_changes", office_resource(sync_world), quiet.cursor)
+    assert not again.run_requests
+    with sync_world.office_client() as b:
+        (office,) = [r for page in b.pages("contacts") for r in page]
+        b.replace("contacts", office["id"], {**office, "title": "Edited by a user"})
+    edited, _ = tick("crm_office_changes", office_resource(sync_world), again.cursor)
+    assert jobs_of(edited) == ["sync_contact_to_contacts"]

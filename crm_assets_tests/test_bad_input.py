@@ -213,11 +213,11 @@ def test_oversized_pages_and_batches_are_refused_clearly(sync_world: SyncWorld):
     refused = []
     with sync_world.custom_client() as a, sync_world.office_client() as b:
         with pytest.raises(CrmValidationError) as caught:
-            next(a.pages("contacts", limit=501))
+            next(a.pages("contacts", size=501))
         assert [e["field"] for e in caught.value.errors] == ["limit"]
         refused.append(str(caught.value))
         with pytest.raises(CrmValidationError) as caught:
-            next(b.pages("contacts", take=1001))
+            next(b.pages("contacts", size=1001))
         assert [e["field"] for e in caught.value.errors] == ["take"]
         refused.append(str(caught.value))
         with pytest.raises(ValueError, match="at most 100"):

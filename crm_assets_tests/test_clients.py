@@ -26,8 +26,9 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
 )
 
 from crm_assets.crm_office.client import CrmOfficeClient
+from crm_assets.crm_office.seed import demo_records as crm_office_records
 from crm_assets.custom_crm.client import CustomCrmClient
-from crm_assets.embedded.seed import demo_records
+from crm_assets.custom_crm.seed import demo_records as custom_crm_records
 from crm_assets.http import (
     CrmAuthError,
     CrmConflict,
@@ -89,16 +90,16 @@ def test_custom_crm_paging_returns_every_record_exactly_once(
     custom_crm_service: EmbeddedService,
 ) -> None:
     reseed(custom_crm_service, 2000)
-    expected = demo_records("custom-crm", 2000)
+    expected = custom_crm_records(2000)
     with custom_client(custom_crm_service) as client:
         deleted = expected["contacts"][5]["Id"]
         client.delete("contacts", deleted)
         for obj, limit in (("contacts", 97), ("products", 7)):
-            seen = ids_of(client.pages(obj, limit=limit), "Id")
+            seen = ids_of(client.pages(obj, size=limit), "Id")
             assert len(seen) == len(set(seen)), "a record was returned twice"
             assert set(seen) == {r["Id"] for r in expected[obj]}
         # deleted records are listed (flagged) by default, and left out when asked
-        live = ids_of(client.pages("contacts", include_deleted=False, limit=500), "Id")
+        live = ids_of(client.pages("contacts", include_deleted=False, size=500), "Id")
         assert deleted not in live
         assert len(live) == len(expected["contacts"]) - 1
 
@@ -107,11 +108,11 @@ def test_crm_office_paging_returns_every_record_exactly_once(
     crm_office_service: EmbeddedService,
 ) -> None:
     reseed(crm_office_service, 2000)
-    expected = demo_records("crm-office", 2000)
+    expected = crm_office_records(2000)
     # the seed gives many records one shared updatedAt: pages end inside that group
     with office_client(crm_office_service) as client:
         for obj, take in (("contacts", 89), ("companies", 7)):
-            seen = ids_of(client.pages(obj, take=take), "id")
+            seen = ids_of(client.pages(obj, size=take), "id")
             assert len(seen) == len(set(seen)), "a record was returned twice"
             assert set(seen) == {r["id"] for r in expected[obj]}
 
@@ -150,7 +151,7 @@ def test_crm_office_records_updated_while_paging_are_neither_missed_nor_lost(
             updated[record_id] = title
 
         seen: dict[str, list[str | None]] = {}
-        for number, page in enumerate(client.pages("contacts", take=20)):
+        for number, page in enumerate(client.pages("contacts", size=20)):
             for item in page:
                 seen.setdefault(item["id"], []).append(item["title"])
             if not page:
@@ -219,13 +220,13 @@ def test_5xx_throttling_and_dropped_connections_are_retried(
     with custom_client(custom_crm_service, retry=PATIENT) as client:
         made = {client.create("contacts", {"FirstName": f"C{i}"})["Id"] for i in range(30)}
         custom_crm_service.set_faults(error_rate=0.3, drop_rate=0.2)
-        seen = ids_of(client.pages("contacts", limit=3), "Id")
+        seen = ids_of(client.pages("contacts", size=3), "Id")
     assert sorted(seen) == sorted(made)
 
     with office_client(crm_office_service, retry=PATIENT) as client:
         made = {client.create("contacts", {"givenName": f"C{i}"})["id"] for i in range(30)}
         crm_office_service.set_faults(error_rate=0.3, drop_rate=0.2)
-        seen = ids_of(client.pages("contacts", take=3), "id")
+        seen = ids_of(client.pages("contacts", size=3), "id")
         record = client.get("contacts", seen[0])
         assert client.replace("contacts", seen[0], {**record, "title": "CTO"})["title"] == "CTO"
     assert sorted(seen) == sorted(made)

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
+from crm_assets.connectors import UnsupportedFlow
 from crm_assets.definitions import build_definitions
 from crm_assets.settings import Settings
 
@@ -28,8 +30,10 @@ def test_dg_check_defs_passes():
     assert "All definitions loaded successfully" in result.stdout + result.stderr
 
 
-def settings_for(spec: Path, tmp_path: Path) -> Settings:
-    return dataclasses.replace(Settings.from_env(), spec_path=spec, data_dir=tmp_path)
+def settings_for(spec: Path, tmp_path: Path, skip_unsupported: bool = False) -> Settings:
+    return dataclasses.replace(
+        Settings.from_env(), spec_path=spec, data_dir=tmp_path, skip_unsupported=skip_unsupported
+    )
 
 
 def groups(defs: dg.Definitions) -> dict[str, list[str]]:
@@ -52,15 +56,30 @@ def test_packaged_document_gives_one_group_per_flow(tmp_path):
 
 
 def test_crm_sync_spec_selects_another_document(tmp_path, monkeypatch):
-    monkeypatch.setenv("CRM_SYNC_SPEC", str(SPECS / "hubspot-superoffice.rst"))
+    monkeypatch.setenv("CRM_SYNC_SPEC", str(SPECS / "crmoffice-customcrm.rst"))
     defs = build_definitions(dataclasses.replace(Settings.from_env(), data_dir=tmp_path))
+    found = groups(defs)
+    assert "companies_to_product" in found and "contacts_to_contact" in found
+
+
+def test_a_document_naming_a_system_without_connector_fails_at_load_naming_it(tmp_path):
+    with pytest.raises(UnsupportedFlow) as err:
+        build_definitions(settings_for(SPECS / "hubspot-superoffice.rst", tmp_path))
+    message = str(err.value)
+    assert "hubspot-superoffice.rst, line 12" in message and "'HubSpot'" in message
+    assert "available systems: Custom CRM, CRMOffice" in message and "\n" not in message
+
+
+def test_skipping_unsupported_flows_keeps_their_definitions_but_syncs_nothing(tmp_path):
+    defs = build_definitions(settings_for(SPECS / "hubspot-superoffice.rst", tmp_path, True))
     found = groups(defs)
     assert "contact_to_person" in found and "quote_to_quotealternative" in found
     assert len([g for g in found if "_to_" in g]) == 10
+    assert all(k.endswith("/dataflow") for g, keys in found.items() if "_to_" in g for k in keys)
 
 
 def test_materializing_a_flow_records_its_definition(tmp_path):
-    defs = build_definitions(settings_for(SPECS / "freshteam-crmoffice.rst", tmp_path))
+    defs = build_definitions(settings_for(SPECS / "freshteam-crmoffice.rst", tmp_path, True))
     key = dg.AssetKey(["employee_to_contacts", "dataflow"])
     result = dg.materialize([defs.resolve_assets_def(key)])
     assert result.success

@@ -325,6 +325,9 @@ def test_cli_prints_the_json_contract_without_importing_dagster():
         "target": "mobilePhone",
         "type": "string",
         "condition": {"value": "wd:Q17517", "path": "phone_numbers.name"},
+        "condition_side": "source",
+        "disabled": False,
+        "disabled_reason": None,
     }
 
 

@@ -19,7 +19,7 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crm_assets.embedded.seed import demo_records
+from crm_assets.crm_office.seed import demo_records as crm_office_records
 
 Factory = Callable[..., EmbeddedService]
 
@@ -400,7 +400,7 @@ def test_rate_limit_and_no_admin_without_faults(embedded_service_factory: Factor
 
 def test_seeded_service_restart_keeps_data(embedded_service_factory: Factory) -> None:
     service = embedded_service_factory("crm-office", seed=1000)
-    expected = demo_records("crm-office", 1000)
+    expected = crm_office_records(1000)
     with service.client() as c:
         contacts = _all(c, "contacts")
         companies = _all(c, "companies")

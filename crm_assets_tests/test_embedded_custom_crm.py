@@ -23,7 +23,8 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crm_assets.embedded.seed import demo_records
+from crm_assets.crm_office.seed import demo_records as crm_office_records
+from crm_assets.custom_crm.seed import demo_records as custom_crm_records
 
 Factory = Callable[..., EmbeddedService]
 
@@ -406,7 +407,7 @@ def test_seeded_service_serves_the_generated_records_and_restart_keeps_them(
     embedded_service_factory: Factory,
 ) -> None:
     service = embedded_service_factory("custom-crm", seed=1000)
-    expected = demo_records("custom-crm", 1000)
+    expected = custom_crm_records(1000)
     with service.client() as c:
         start = time.monotonic()
         page = c.get("/api/contacts", params={"limit": 500})
@@ -429,10 +430,10 @@ def test_seeded_service_serves_the_generated_records_and_restart_keeps_them(
 
 def test_seed_is_deterministic_and_the_crms_overlap() -> None:
     n = 2000
-    custom = demo_records("custom-crm", n)
-    office = demo_records("crm-office", n)
-    assert json.dumps(custom) == json.dumps(demo_records("custom-crm", n))
-    assert json.dumps(custom) != json.dumps(demo_records("custom-crm", n + 1))
+    custom = custom_crm_records(n)
+    office = crm_office_records(n)
+    assert json.dumps(custom) == json.dumps(custom_crm_records(n))
+    assert json.dumps(custom) != json.dumps(custom_crm_records(n + 1))
     assert len(custom["contacts"]) == len(office["contacts"]) == n
     assert len(custom["products"]) == len(office["companies"]) == n // 10
 
@@ -474,7 +475,7 @@ def test_seed_is_deterministic_and_the_crms_overlap() -> None:
 
 def test_seed_of_100k_contacts_is_fast() -> None:
     start = time.monotonic()
-    records = demo_records("custom-crm", 100_000)
+    records = custom_crm_records(100_000)
     assert len(records["contacts"]) == 100_000
     assert time.monotonic() - start < 5
 

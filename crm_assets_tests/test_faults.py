@@ -37,8 +37,7 @@ from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.headless import SyncOutcome, execute_sync
 from crm_assets.settings import packaged_spec_path
-from crm_assets.sources import take_snapshot
-from crm_assets.sync import flow_mappings, sync_once, verify_flow
+from crm_assets.sync import flow_mappings, sync_once, take_snapshot, verify_flow
 
 MAPPINGS = flow_mappings(read_document(packaged_spec_path()))
 CRM_ASSETS = str(Path(sys.executable).parent / "crm-assets")

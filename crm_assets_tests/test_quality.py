@@ -18,7 +18,8 @@ def test_every_document_row_has_agreement_and_type_checks_plus_flow_checks():
     for mapping in flow_mappings(DOC):
         names = list(check_catalog(mapping))
         flow = DOC.flow(mapping.name)
-        assert len(names) == 2 * len(flow.properties) + 5
+        references = any(c.reference for c in mapping.columns)  # + the delete side-effect check
+        assert len(names) == 2 * len(flow.properties) + 5 + references
         assert "email_agrees" in names or "name_agrees" in names
         assert {"links_one_to_one", "no_failed_writes", "no_ambiguous_matches"} <= set(names)
 
@@ -34,11 +35,11 @@ def test_checks_pass_after_a_clean_sync_and_the_report_is_green(sync_world: Sync
     assert outcome.checks[f"{CONTACTS}:title_agrees"][0] is True
     assert outcome.checks["contact_to_contacts/reconciled:circuit_breaker"][0] is True
     report = (sync_world.data_dir / "reports" / "qa-report.md").read_text()
-    assert "| `Title` | `title` | string | ✅ | ✅ |" in report
-    assert "| `ProductId` | `company.id` | string | ✅ | ✅ |" in report
-    assert "| ❌" not in report and "| ⚠️" not in report
+    assert "| `Title` | `title` | string | ✅ PASS | ✅ PASS |" in report
+    assert "| `ProductId` | `company.id` | string | ✅ PASS | ✅ PASS |" in report
+    assert "| ❌ FAIL" not in report and "| ⚠️ WARN" not in report
     qa = outcome.of("qa/qa_report")
-    assert qa["failed"] == 0 and qa["checks"] == 2 * (7 + 9) + 10
+    assert qa["failed"] == 0 and qa["checks"] == 2 * (7 + 9) + 10 + 1
 
 
 def test_failing_checks_name_the_offenders_with_both_values(sync_world: SyncWorld):
@@ -56,7 +57,7 @@ def test_failing_checks_name_the_offenders_with_both_values(sync_world: SyncWorl
     assert not passed and severity == "ERROR" and meta["dead_letters"] == 1
     assert "orgNr" in meta["sample"]
     report = (sync_world.data_dir / "reports" / "qa-report.md").read_text()
-    assert "| ❌" in report and "| ⚠️" in report
+    assert "| ❌ FAIL" in report and "| ⚠️ WARN" in report
 
 
 def test_checks_on_empty_systems_do_not_crash(sync_world: SyncWorld):

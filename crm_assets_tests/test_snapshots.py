@@ -19,15 +19,16 @@ from embedded_fixtures import (  # noqa: F401  (pytest fixtures)
 
 from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
-from crm_assets.defs.resources import CrmOfficeResource, CustomCrmResource, SyncStorage
+from crm_assets.defs.resources import CrmResource, SyncStorage
 from crm_assets.defs.snapshots import build_snapshot_assets
 from crm_assets.engine.document import read_document
 from crm_assets.http import CrmUnavailable
 from crm_assets.settings import packaged_spec_path
+from crm_assets.sync import flow_mappings
 
 ASSETS = {
     asset.key.to_user_string(): asset
-    for asset in build_snapshot_assets(read_document(packaged_spec_path()))
+    for asset in build_snapshot_assets(flow_mappings(read_document(packaged_spec_path())))
 }
 #: Where a service that is not part of a test would be: nothing listens there.
 NOWHERE = "http://127.0.0.1:9"
@@ -51,13 +52,16 @@ class Snapshots:
             *([office_creds["client_secret"]] if office else []),
         ]
         self.resources = {
-            "custom_crm": CustomCrmResource(
-                base_url=custom.base_url if custom else NOWHERE, api_key=custom_key
+            "custom_crm": CrmResource(
+                connector="custom_crm",
+                base_url=custom.base_url if custom else NOWHERE,
+                secret=custom_key,
             ),
-            "crm_office": CrmOfficeResource(
+            "crm_office": CrmResource(
+                connector="crm_office",
                 base_url=office.base_url if office else NOWHERE,
-                client_id=office_creds["client_id"],
-                client_secret=office_creds["client_secret"],
+                account=office_creds["client_id"],
+                secret=office_creds["client_secret"],
             ),
             "storage": SyncStorage(
                 data_dir=str(tmp_path), state_url=f"sqlite:///{tmp_path}/state.db"

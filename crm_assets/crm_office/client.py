@@ -4,65 +4,34 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
-from crm_assets.custom_crm.client import rfc3339
+from crm_assets.connector import ClientSettings, Create, Outcome, Update
+from crm_assets.crm_office.fields import FIELDS, SERVER_FIELDS, SYSTEM
+from crm_assets.engine.snapshot import unflatten
 from crm_assets.http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     CrmAuthError,
+    CrmError,
     CrmProtocolError,
+    CrmUnavailable,
+    HttpClient,
     RetryPolicy,
     check_response,
     json_body,
-    pace_hook,
+    rfc3339,
     transport_errors,
 )
-
-SYSTEM = "CRMOffice"
-
-_ADDRESS = ("streetAddress", "postCode", "postalArea", "country")
-
-#: The objects the API serves, with their fields (flattened, dotted names) and types.
-FIELDS: dict[str, dict[str, str]] = {
-    "contacts": {
-        "id": "string",
-        "givenName": "string",
-        "familyName": "string",
-        "email": "string",
-        "directPhone": "string",
-        "mobilePhone": "string",
-        "title": "string",
-        "company.id": "string",
-        "createdAt": "datetime",
-        "updatedAt": "datetime",
-        "rowVersion": "string",
-    },
-    "companies": {
-        "id": "string",
-        "name": "string",
-        "orgNr": "string",
-        "website": "string",
-        "description": "string",
-        "isActive": "boolean",
-        **{f"postAddress.{f}": "string" for f in _ADDRESS},
-        **{f"visitAddress.{f}": "string" for f in _ADDRESS},
-        "createdAt": "datetime",
-        "updatedAt": "datetime",
-        "rowVersion": "string",
-    },
-}
-
-#: Fields the server manages; never sent in a create or replace.
-SERVER_FIELDS = frozenset({"id", "createdAt", "updatedAt", "rowVersion"})
 
 #: Most items one batch call takes.
 BATCH_SIZE = 100
 
 
-class CrmOfficeClient:
+class CrmOfficeClient(HttpClient):
     """One CRMOffice tenant: token handling, paging to the end, retries, batches.
 
     The access token is fetched on first use, refreshed shortly before it expires
@@ -73,6 +42,18 @@ class CrmOfficeClient:
 
     system = SYSTEM
 
+    @classmethod
+    def from_settings(cls, settings: ClientSettings) -> CrmOfficeClient:
+        """A client from its connector's settings (API key or client id and secret)."""
+        return cls(
+            settings.base_url,
+            settings.account,
+            settings.secret,
+            timeout=settings.timeout,
+            retry=settings.retry,
+            rate_limit=settings.rate_limit,
+        )
+
     def __init__(
         self,
         base_url: str,
@@ -82,29 +63,22 @@ class CrmOfficeClient:
         retry: RetryPolicy | None = None,
         max_connections: int = 16,
         rate_limit: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Accept": "application/json"},
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections),
-            event_hooks={"request": [pace_hook(rate_limit)]} if rate_limit else None,
+        super().__init__(
+            base_url,
+            {},
+            timeout,
+            retry,
+            max_connections,
+            rate_limit,
+            max_response_bytes=max_response_bytes,
         )
         self._client_id = client_id
         self._client_secret = client_secret
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = threading.Lock()
-        self.retry = retry or RetryPolicy()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> CrmOfficeClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- authentication ---------------------------------------------------------------
     def _access_token(self, stale: str | None = None) -> str:
@@ -177,7 +151,7 @@ class CrmOfficeClient:
 
     # -- reads ------------------------------------------------------------------------
     def pages(
-        self, obj: str, since: datetime | None = None, take: int = 1000
+        self, obj: str, since: datetime | None = None, size: int | None = None
     ) -> Iterator[list[dict[str, Any]]]:
         """Every record updated since the moment (inclusive), page by page, to the end.
 
@@ -189,6 +163,7 @@ class CrmOfficeClient:
         moved record shows up again at the end (callers dedupe by id). Records read
         twice at the restart moment are left out.
         """
+        take = size or 1000
         since_text = rfc3339(since) if since is not None else None
         seen: set[Any] = set()  # ids already yielded whose updatedAt is since_text
         overlap = 1 if take > 1 else 0
@@ -270,3 +245,73 @@ class CrmOfficeClient:
                 SYSTEM, f"POST {path}", "batch answer without one result per item"
             )
         return sorted(items, key=lambda r: r.get("index", 0))
+
+    # -- the connector protocol's writes: batches of BATCH_SIZE ----------------------------
+    def update_records(self, obj: str, updates: Sequence[Update]) -> list[Outcome]:
+        """Full replace of each record (as last read, with the changes) through the batch
+        endpoint, with its rowVersion so a record changed since it was read answers 412."""
+        writable = [f for f in FIELDS[obj] if f not in SERVER_FIELDS]
+        items = []
+        for u in updates:
+            record = {f: u.current.get(f) for f in writable}
+            record.update(u.changes)
+            item = unflatten(record)
+            item["id"] = u.id
+            if u.version is not None:
+                item["rowVersion"] = u.version
+            items.append(item)
+        return self._batches(obj, [u.id for u in updates], items, create=False)
+
+    def create_records(self, obj: str, creates: Sequence[Create]) -> list[Outcome]:
+        """Creates through the batch endpoint. The API takes no idempotency key: a batch
+        whose answer was lost is ``unknown`` (the sync looks the records up before any retry)."""
+        items = [unflatten(dict(c.values)) for c in creates]
+        return self._batches(obj, [None] * len(items), items, create=True)
+
+    def _batches(
+        self, obj: str, ids: list[str | None], items: list[dict[str, Any]], create: bool
+    ) -> list[Outcome]:
+        out: list[Outcome] = []
+        for start in range(0, len(items), BATCH_SIZE):
+            chunk, chunk_ids = items[start : start + BATCH_SIZE], ids[start : start + BATCH_SIZE]
+            try:
+                results = self.batch(obj, **{"create" if create else "update": chunk})
+            except CrmUnavailable as exc:
+                if not exc.maybe_applied:
+                    raise  # unreachable: the run fails, nothing was written
+                out += [Outcome("unknown", i, str(exc)) for i in chunk_ids]
+                continue
+            except CrmError as exc:
+                out += [Outcome("failed", i, str(exc)) for i in chunk_ids]
+                continue
+            for record_id, res in zip(chunk_ids, results, strict=True):
+                out.append(_outcome(record_id, res))
+        return out
+
+
+def _outcome(record_id: str | None, result: dict[str, Any]) -> Outcome:
+    """One batch item's result as an outcome."""
+    status = result.get("status") if isinstance(result, dict) else None
+    item = result.get("item") if isinstance(result, dict) else None
+    new_id = item.get("id") if isinstance(item, dict) else None
+    if status in (200, 201) and (new_id is not None or record_id is not None):
+        stamp = item.get("updatedAt") if isinstance(item, dict) else None
+        return Outcome(
+            "ok", str(new_id if new_id is not None else record_id), stamp=stamp and str(stamp)
+        )
+    if status == 412:
+        return Outcome("conflict", record_id, "HTTP 412: the record changed since it was read")
+    error = result.get("error") if isinstance(result, dict) else None
+    return Outcome("failed", record_id, f"HTTP {status}: {describe_item_error(error)}")
+
+
+def describe_item_error(error: Any) -> str:
+    """A batch item's error as one readable line: ``orgNr: must be 9 digits``."""
+    if isinstance(error, dict):
+        fields = error.get("errors")
+        if isinstance(fields, list) and fields:
+            return "; ".join(
+                f"{e.get('field')}: {e.get('message')}" for e in fields if isinstance(e, dict)
+            )
+        return str(error.get("message") or error)
+    return str(error)

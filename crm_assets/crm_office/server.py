@@ -12,7 +12,6 @@ import base64
 import hmac
 import json
 import secrets
-import time
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -23,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from crm_assets.crm_office.seed import COMPANY_START, CONTACT_START, office_id
 from crm_assets.embedded.errors import (
     ApiError,
     ApiValidationError,
@@ -37,7 +37,6 @@ from crm_assets.embedded.errors import (
 )
 from crm_assets.embedded.middleware import Faults
 from crm_assets.embedded.records import exists, fetch, insert, page_body, row_values, update
-from crm_assets.embedded.seed import OFFICE_COMPANY_START, OFFICE_CONTACT_START, office_id
 from crm_assets.embedded.store import Store, parse_rfc3339, token_hash
 
 RecordId = Annotated[str, Path(alias="id")]
@@ -51,6 +50,7 @@ DEFAULT_TAKE = 100
 MAX_BATCH = 100
 SCOPE = "crmoffice"
 DEFAULT_TOKEN_TTL = 3600
+TOKEN_PATH = "/connect/token"
 
 
 def _check_org_nr(value: str) -> str:
@@ -201,22 +201,27 @@ _SPECS: dict[str, dict[str, Any]] = {
         "model": ContactIn,
         "out": Contact,
         "page": ContactPage,
-        "start": OFFICE_CONTACT_START,
+        "start": CONTACT_START,
     },
     "companies": {
         "model": CompanyIn,
         "out": Company,
         "page": CompanyPage,
-        "start": OFFICE_COMPANY_START,
+        "start": COMPANY_START,
     },
 }
 
 
 class TokenIssuer:
-    """Issues and checks bearer tokens for exactly one client id / secret pair."""
+    """Issues and checks bearer tokens for exactly one client id / secret pair.
+
+    Expiry is measured on the real clock (``Clock.real_time``), not the offset one: see
+    ``crm_assets.embedded.clock``.
+    """
 
     def __init__(self, store: Store, client_id: str, client_secret: str, ttl: int) -> None:
         self.store = store
+        self.clock = store.service_clock
         self.client_id = client_id.encode()
         self.client_secret = client_secret.encode()
         self.ttl = ttl
@@ -229,7 +234,7 @@ class TokenIssuer:
 
     def issue(self) -> tuple[str, float]:
         token = secrets.token_urlsafe(32)
-        now = time.time()
+        now = self.clock.real_time()
         expires_at = now + self.ttl
         if len(self.tokens) > 1000:  # forget expired tokens now and then
             self.tokens = {h: at for h, at in self.tokens.items() if at > now}
@@ -243,7 +248,7 @@ class TokenIssuer:
         expires_at = self.tokens.get(token_hash(token))
         if expires_at is None:
             return "invalid token"
-        if expires_at <= time.time():
+        if expires_at <= self.clock.real_time():
             return "token expired"
         return None
 
@@ -615,7 +620,7 @@ def build_app(store: Store, faults: Faults, issuer: TokenIssuer, **fastapi_kwarg
         **fastapi_kwargs,
     )
     app.add_api_route(
-        "/connect/token",
+        TOKEN_PATH,
         _token_route(issuer),
         methods=["POST"],
         tags=["OAuth2"],

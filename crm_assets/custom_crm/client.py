@@ -2,74 +2,53 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from crm_assets.connector import ClientSettings, Create, Outcome, Update
+from crm_assets.custom_crm.fields import SERVER_FIELDS, SYSTEM
 from crm_assets.http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    CrmConflict,
+    CrmError,
     CrmProtocolError,
+    CrmUnavailable,
+    HttpClient,
     RetryPolicy,
     check_response,
     json_body,
-    pace_hook,
+    rfc3339,
+    run_parallel,
     transport_errors,
 )
 
-SYSTEM = "Custom CRM"
-
-#: The objects the API serves, with their fields (flattened names) and types.
-FIELDS: dict[str, dict[str, str]] = {
-    "contacts": {
-        "Id": "string",
-        "FirstName": "string",
-        "LastName": "string",
-        "Email": "string",
-        "Phone": "string",
-        "MobilePhone": "string",
-        "Title": "string",
-        "ProductId": "string",
-        "Created": "datetime",
-        "Modified": "datetime",
-        "Version": "integer",
-        "Deleted": "boolean",
-    },
-    "products": {
-        "Id": "string",
-        "Name": "string",
-        "ProductNumber": "integer",
-        "Description": "string",
-        "Url": "string",
-        "Active": "boolean",
-        "Street": "string",
-        "PostalCode": "string",
-        "City": "string",
-        "Country": "string",
-        "Created": "datetime",
-        "Modified": "datetime",
-        "Version": "integer",
-        "Deleted": "boolean",
-    },
-}
-
-#: Fields the server manages; never sent in a create or update.
-SERVER_FIELDS = frozenset({"Id", "Created", "Modified", "Version", "Deleted"})
+#: Calls that run at once (the client's connection pool is as large).
+PARALLEL_CALLS = 16
 
 
-def rfc3339(moment: datetime) -> str:
-    """An RFC 3339 timestamp in UTC with microseconds, as both APIs take them."""
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-class CustomCrmClient:
+class CustomCrmClient(HttpClient):
     """One Custom CRM account: paging to the end, retries, typed errors.
 
     Creates carry an ``Idempotency-Key``, so they are retried like reads; the key
-    is the caller's (the sync stores it with its create intent).
+    is the caller's (the sync stores it with its create intent). The API has no
+    batch endpoint: writes are single calls, run concurrently.
     """
 
     system = SYSTEM
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings) -> CustomCrmClient:
+        """A client from its connector's settings (API key or client id and secret)."""
+        return cls(
+            settings.base_url,
+            settings.secret,
+            timeout=settings.timeout,
+            retry=settings.retry,
+            rate_limit=settings.rate_limit,
+        )
 
     def __init__(
         self,
@@ -77,26 +56,19 @@ class CustomCrmClient:
         api_key: str,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
-        max_connections: int = 16,
+        max_connections: int = PARALLEL_CALLS,
         rate_limit: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections),
-            event_hooks={"request": [pace_hook(rate_limit)]} if rate_limit else None,
+        super().__init__(
+            base_url,
+            {"Authorization": f"Bearer {api_key}"},
+            timeout,
+            retry,
+            max_connections,
+            rate_limit,
+            max_response_bytes=max_response_bytes,
         )
-        self.retry = retry or RetryPolicy()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> CustomCrmClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _request(
         self,
@@ -122,11 +94,14 @@ class CustomCrmClient:
         self,
         obj: str,
         since: datetime | None = None,
+        size: int | None = None,
         include_deleted: bool = True,
-        limit: int = 500,
     ) -> Iterator[list[dict[str, Any]]]:
         """Every record modified since the moment (inclusive), page by page, to the end."""
-        params: dict[str, Any] = {"limit": limit, "includeDeleted": str(include_deleted).lower()}
+        params: dict[str, Any] = {
+            "limit": size or 500,
+            "includeDeleted": str(include_deleted).lower(),
+        }
         if since is not None:
             params["modifiedSince"] = rfc3339(since)
         call = f"GET /api/{obj}"
@@ -164,6 +139,49 @@ class CustomCrmClient:
 
     def delete(self, obj: str, record_id: str) -> None:
         self._request("DELETE", f"/api/{obj}/{record_id}")
+
+    # -- the connector protocol's writes: concurrent single calls --------------------------
+    def update_records(self, obj: str, updates: Sequence[Update]) -> list[Outcome]:
+        """PATCH just the changed fields of each record, with If-Match on its Version."""
+
+        def one(u: Update) -> Outcome:
+            try:
+                done = self.update(obj, u.id, dict(u.changes), _int(u.version))
+                return Outcome("ok", u.id, stamp=_stamp(done))
+            except CrmConflict as exc:
+                return Outcome("conflict", u.id, str(exc))
+            except CrmUnavailable:
+                raise
+            except CrmError as exc:
+                return Outcome("failed", u.id, str(exc))
+
+        return run_parallel(PARALLEL_CALLS, one, updates)
+
+    def create_records(self, obj: str, creates: Sequence[Create]) -> list[Outcome]:
+        """One POST per record with its intent key as Idempotency-Key (safe to retry)."""
+
+        def one(c: Create) -> Outcome:
+            try:
+                made = self.create(obj, dict(c.values), idempotency_key=c.key)
+                return Outcome("ok", str(made["Id"]), stamp=_stamp(made))
+            except CrmUnavailable:
+                raise
+            except CrmError as exc:
+                return Outcome("failed", None, str(exc))
+
+        return run_parallel(PARALLEL_CALLS, one, creates)
+
+
+def _stamp(record: Any) -> str | None:
+    modified = record.get("Modified") if isinstance(record, dict) else None
+    return str(modified) if modified else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _page(body: Any, call: str) -> tuple[list[dict[str, Any]], str | None]:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI, Header, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from crm_assets.custom_crm.seed import CONTACT_PREFIX, PRODUCT_PREFIX, custom_id
 from crm_assets.embedded.errors import (
     ApiError,
     ApiValidationError,
@@ -38,7 +39,6 @@ from crm_assets.embedded.records import (
     row_values,
     update,
 )
-from crm_assets.embedded.seed import CUSTOM_CONTACT_PREFIX, CUSTOM_PRODUCT_PREFIX, custom_id
 from crm_assets.embedded.store import Store, parse_rfc3339
 
 RecordId = Annotated[str, Path(alias="Id")]
@@ -164,7 +164,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 _SPECS = {
     "contacts": {
-        "prefix": CUSTOM_CONTACT_PREFIX,
+        "prefix": CONTACT_PREFIX,
         "create": ContactIn,
         "patch": ContactIn,
         "out": Contact,
@@ -172,7 +172,7 @@ _SPECS = {
         "fields": list(ContactIn.model_fields),
     },
     "products": {
-        "prefix": CUSTOM_PRODUCT_PREFIX,
+        "prefix": PRODUCT_PREFIX,
         "create": ProductIn,
         "patch": ProductPatch,
         "out": Product,

@@ -6,8 +6,10 @@ from typing import Any
 import dagster as dg
 
 from crm_assets.changes import detect_changes, format_cursor, parse_cursor
+from crm_assets.connectors import with_fix
 from crm_assets.engine.mapping import FlowMapping
-from crm_assets.http import CrmError, RetryPolicy
+from crm_assets.engine.objects import SourceObject
+from crm_assets.http import CrmAuthError, CrmError, RetryPolicy
 
 #: A sensor tick must answer fast: an unreachable CRM skips the tick instead of hanging.
 SENSOR_RETRY = RetryPolicy(attempts=2, initial=0.2, maximum=1.0, deadline=10)
@@ -35,18 +37,31 @@ def build_change_sensor(
         minimum_interval_seconds=sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         jobs=[jobs[f"sync_{m.name}"] for m in mappings],
-        required_resource_keys={system_key},
+        required_resource_keys={system_key, "storage"},
     )
     def changes(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         positions = parse_cursor(context.cursor)
+        state = context.resources.storage.state()
+
+        def own(source: SourceObject, stamped: list[tuple[str, str]]) -> set[str]:
+            pairs = [(record_id, moment) for moment, record_id in stamped]
+            return state.own_writes(source.system_key, source.obj, pairs)
+
         try:
             with getattr(context.resources, system_key).client(retry=SENSOR_RETRY) as client:
-                changed, new_positions = detect_changes(client, sources, positions)
+                changed, new_positions = detect_changes(client, sources, positions, own)
+        except CrmAuthError as exc:  # a failed tick (red), with the setting to fix
+            raise dg.Failure(description=with_fix("credentials", str(exc))) from None
         except CrmError as exc:
-            return dg.SkipReason(f"{system} unreachable, cursor kept: {exc}")
-        if not changed:
-            return dg.SkipReason(f"no {system} record changed")
+            return dg.SkipReason(f"{system} is unreachable, cursor kept: {exc}")
         cursor = format_cursor(new_positions)
+        if not changed:
+            if cursor != format_cursor(positions):  # only the sync's own writes: move on
+                return dg.SensorResult(
+                    skip_reason=f"only the sync's own writes changed in {system}",
+                    cursor=cursor,
+                )
+            return dg.SkipReason(f"no {system} record changed")
         objs = {(s.system_key, s.obj) for s in changed}
         flows = [
             m for m in mappings if {(m.a.system_key, m.a.obj), (m.b.system_key, m.b.obj)} & objs

@@ -6,6 +6,7 @@ own, incremental), not the plan.
 """
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from crm_assets.defs.sync_assets import flow_key, last_write_key, markdown_table
 from crm_assets.engine.checks import CheckOutcome, check_catalog
 from crm_assets.engine.document import DataflowDocument
 from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.reconcile import FORCE_HINT
 from crm_assets.engine.report import render_qa_report
 from crm_assets.engine.snapshot import SnapshotStore
-from crm_assets.sources import take_snapshot
-from crm_assets.sync import verify_flow
+from crm_assets.sync import SkippedFlow, verify_flow
+from crm_assets.sync.snapshots import read_snapshot
 
 SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity.WARN}
 QA_REPORT_KEY = dg.AssetKey(["qa", "qa_report"])
@@ -66,7 +68,7 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
         store = SnapshotStore(storage.root / "verification")
         for obj in (mapping.a, mapping.b):
             with getattr(context.resources, obj.system_key).client() as client:
-                take_snapshot(client, obj, store)
+                read_snapshot(client, obj, store, storage.state())
         verification = verify_flow(mapping, store, storage.state())
         outcomes = verification.checks
         results_path(storage.flow_dir(mapping.name)).write_text(
@@ -97,7 +99,7 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
 
 
 def build_qa_report_asset(
-    document: DataflowDocument, mappings: list[FlowMapping]
+    document: DataflowDocument, mappings: list[FlowMapping], skipped: Sequence[SkippedFlow] = ()
 ) -> dg.AssetsDefinition:
     """The document as a checklist, each row with its result: Markdown in the UI and a file."""
 
@@ -116,7 +118,9 @@ def build_qa_report_asset(
             path = results_path(storage.flow_dir(m.name))
             if path.exists():
                 results[m.name] = json.loads(path.read_text())
-        text = render_qa_report(document, results, datetime.now(UTC))
+        text = render_qa_report(
+            document, results, datetime.now(UTC), {f.name: f.reason for f in skipped}
+        )
         out = storage.root / "reports" / "qa-report.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
@@ -127,6 +131,7 @@ def build_qa_report_asset(
                 "path": dg.MetadataValue.path(out),
                 "checks": len(checks),
                 "failed": sum(not r["passed"] for r in checks),
+                "skipped_flows": len(skipped),
             }
         )
 
@@ -134,17 +139,20 @@ def build_qa_report_asset(
 
 
 def circuit_breaker_check(mapping: FlowMapping) -> dg.AssetChecksDefinition:
-    """Blocking: a plan that would change too much of one side stops the writes."""
+    """A plan that would change too much of one side: the writes step then fails the run
+    with the reason as its message (not this check: its failure would say only that a
+    blocking check failed)."""
 
     @dg.asset_check(
         asset=flow_key(mapping, "reconciled"),
         name="circuit_breaker",
-        blocking=True,
         required_resource_keys={"storage"},
-        description="the plan changes no more than the allowed share of either side's links",
+        description="the plan changes no more than the allowed share of either CRM's links; "
+        f"when it does, nothing is written: {FORCE_HINT}",
     )
     def breaker(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        plan_file = context.resources.storage.flow_dir(mapping.name) / "plan" / "plan.parquet"
+        files = context.resources.storage.flow_files(mapping.name, context.run.run_id)
+        plan_file = files.plan_dir / "plan.parquet"
         if not plan_file.exists():
             return dg.AssetCheckResult(passed=True, metadata={"plan": "none yet"})
         meta = pl.read_parquet(plan_file).row(0, named=True)

@@ -1,55 +1,42 @@
-"""Dagster resources: the two CRM clients and the project's storage, configured by EnvVar."""
+"""Dagster resources: one per CRM connector, and the project's storage, configured by EnvVar."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from crm_assets.crm_office.client import CrmOfficeClient
-from crm_assets.custom_crm.client import CustomCrmClient
+from crm_assets.connector import ClientSettings, Connector, CrmClient
+from crm_assets.connectors import connector_by_key
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.http import RetryPolicy
+from crm_assets.sync.files import FlowFiles
 
 
-class CustomCrmResource(dg.ConfigurableResource):
-    """A Custom CRM account; the API key comes from the environment only."""
+class CrmResource(dg.ConfigurableResource):
+    """One CRM account, through its connector; the secret comes from the environment only."""
 
-    base_url: str = Field(description="Base URL of the Custom CRM API")
-    api_key: str = Field(description="API key (set through CUSTOM_CRM_API_KEY)")
+    connector: str = Field(description="connector key, e.g. crm_office")
+    base_url: str = Field(description="Base URL of the CRM's API")
+    account: str = Field("", description="account or client id, where the CRM has one")
+    secret: str = Field(description="API key, token or client secret (set through its EnvVar)")
     timeout_seconds: float = 30.0
     rate_limit: float | None = Field(None, description="requests/s to stay under (pacing)")
 
-    def client(self, retry: RetryPolicy | None = None) -> CustomCrmClient:
-        return CustomCrmClient(
-            self.base_url,
-            self.api_key,
-            timeout=self.timeout_seconds,
-            retry=retry,
-            rate_limit=self.rate_limit,
-        )
-
-
-class CrmOfficeResource(dg.ConfigurableResource):
-    """A CRMOffice tenant; the client credentials come from the environment only."""
-
-    base_url: str = Field(description="Base URL of the CRMOffice API")
-    client_id: str = Field(description="OAuth2 client id (CRM_OFFICE_CLIENT_ID)")
-    client_secret: str = Field(description="OAuth2 client secret (CRM_OFFICE_CLIENT_SECRET)")
-    timeout_seconds: float = 30.0
-    rate_limit: float | None = Field(None, description="requests/s to stay under (pacing)")
-
-    def client(self, retry: RetryPolicy | None = None) -> CrmOfficeClient:
-        return CrmOfficeClient(
-            self.base_url,
-            self.client_id,
-            self.client_secret,
-            timeout=self.timeout_seconds,
-            retry=retry,
-            rate_limit=self.rate_limit,
+    def client(self, retry: RetryPolicy | None = None) -> CrmClient:
+        return connector_by_key(self.connector).client(
+            ClientSettings(
+                base_url=self.base_url,
+                account=self.account,
+                secret=self.secret,
+                rate_limit=self.rate_limit,
+                timeout=self.timeout_seconds,
+                retry=retry,
+            )
         )
 
 
@@ -64,7 +51,18 @@ class SyncStorage(dg.ConfigurableResource):
         return SyncState(self.state_url)
 
     def flow_dir(self, flow: str) -> Path:
+        """The flow's own folder (its definition and its latest check results)."""
         return self.root / "flows" / flow
+
+    def synced_marker(self, flow: str) -> Path:
+        """A file saying a sync of the flow completed with this data directory."""
+        folder = self.flow_dir(flow)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "synced"
+
+    def flow_files(self, flow: str, run_id: str) -> FlowFiles:
+        """One run's files of the flow."""
+        return FlowFiles.of_run(self.flow_dir(flow), run_id)
 
     @property
     def root(self) -> Path:
@@ -74,30 +72,33 @@ class SyncStorage(dg.ConfigurableResource):
         return SnapshotStore(self.root / "snapshots")
 
 
-def _rate(name: str) -> float | None:
-    """A rate limit from the environment (requests/s); unset or 0: no pacing."""
-    return float(os.environ.get(name) or 0) or None
+def crm_resource(connector: Connector) -> CrmResource:
+    """A connector's resource, every setting read through ``EnvVar``."""
+
+    def setting(role: str) -> str:
+        s = connector.setting(role)
+        return dg.EnvVar(s.name) if s else ""  # type: ignore[return-value]
+
+    rate = connector.setting("rate_limit")
+    return CrmResource(
+        connector=connector.key,
+        base_url=setting("base_url"),
+        account=setting("account"),
+        secret=setting("secret"),
+        rate_limit=float(os.environ.get(rate.name) or 0) or None if rate else None,
+    )
 
 
-def build_resources(data_dir: Path, state_url: str) -> dict[str, dg.ConfigurableResource]:
-    """The resources, reading every credential through ``EnvVar``."""
-    return {
-        "custom_crm": CustomCrmResource(
-            base_url=dg.EnvVar("CUSTOM_CRM_BASE_URL"),
-            api_key=dg.EnvVar("CUSTOM_CRM_API_KEY"),
-            rate_limit=_rate("CUSTOM_CRM_RATE_LIMIT"),
-        ),
-        "crm_office": CrmOfficeResource(
-            base_url=dg.EnvVar("CRM_OFFICE_BASE_URL"),
-            client_id=dg.EnvVar("CRM_OFFICE_CLIENT_ID"),
-            client_secret=dg.EnvVar("CRM_OFFICE_CLIENT_SECRET"),
-            rate_limit=_rate("CRM_OFFICE_RATE_LIMIT"),
-        ),
-        # a URL from the environment may hold a password: pass it as EnvVar, never as text
-        "storage": SyncStorage(
-            data_dir=str(data_dir),
-            state_url=dg.EnvVar("CRM_SYNC_STATE_URL")
-            if os.environ.get("CRM_SYNC_STATE_URL")
-            else state_url,
-        ),
-    }
+def build_resources(
+    connectors: Iterable[Connector], data_dir: Path, state_url: str
+) -> dict[str, dg.ConfigurableResource]:
+    """The resources of the connectors in use and the storage."""
+    resources: dict[str, dg.ConfigurableResource] = {c.key: crm_resource(c) for c in connectors}
+    # a URL from the environment may hold a password: pass it as EnvVar, never as text
+    resources["storage"] = SyncStorage(
+        data_dir=str(data_dir),
+        state_url=dg.EnvVar("CRM_SYNC_STATE_URL")
+        if os.environ.get("CRM_SYNC_STATE_URL")
+        else state_url,
+    )
+    return resources

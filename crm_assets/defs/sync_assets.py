@@ -1,4 +1,5 @@
-"""Per-flow sync assets: mapped → reconciled (the plan) → writes to CRMOffice → writes to Custom CRM.
+"""Per-flow sync assets: mapped → reconciled (the plan) → writes to the document's target
+system → writes to its source system.
 
 Thin wiring: every step calls :mod:`crm_assets.sync`. The plan is an asset of
 its own, so it can be looked at before anything is written (a dry run stops
@@ -6,23 +7,32 @@ there). A flow whose references go through another flow waits for that flow's
 writes, so Products/Companies sync before Contacts.
 """
 
+import os
 from typing import Any
 
 import dagster as dg
 import polars as pl
 
+from crm_assets.connector import normalize_name
+from crm_assets.engine.lease import is_held, release_held
 from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.reconcile import Plan, ReconcileOptions
 from crm_assets.sync import (
+    WRITE_ORDER,
     FlowWriter,
     WriteResult,
-    load_plan,
     map_flow,
+    named_counts,
     plan_flow,
-    save_plan,
+    reference_links,
 )
+from crm_assets.sync.guard import check_plan_current, refresh_if_stale, take_flow
+from crm_assets.sync.planning import StateRefused
+from crm_assets.sync.snapshots import read_snapshot
 
-WRITE_SIDES = (("b", "crm_office"), ("a", "custom_crm"))  # CRMOffice first, then Custom CRM
+#: The run tag saying what started a run (``crm-assets sync`` sets it).
+VIA_TAG = "crm_sync/via"
 
 
 class ReconcileConfig(dg.Config):
@@ -31,17 +41,60 @@ class ReconcileConfig(dg.Config):
     mode: str = "full"
     dry_run: bool = False
     force: bool = False
+    #: after a lost state: relink from the CRMs (merge criteria, then records whose every
+    #: mapped value agrees), write and create nothing
+    rebuild_links: bool = False
     propagate_deletes: bool = False
-    priority: str = "a"
+    #: the system whose value wins a conflict at the same modification time (as the
+    #: document names it); empty: the document's source system
+    priority: str = ""
     max_update_share: float = 0.5
+
+
+def flow_pool(mapping: FlowMapping) -> str:
+    """The Dagster concurrency pool of a flow's planning and writing steps."""
+    return f"crm_sync_{mapping.name}"
+
+
+def earlier_runs(context: dg.AssetExecutionContext, mapping: FlowMapping) -> str | None:
+    """What says the flow was synced before, besides the state database: the data
+    directory's marker, or a materialization of its writes in the Dagster instance."""
+    storage = context.resources.storage
+    if storage.synced_marker(mapping.name).exists():
+        return f"the data directory {storage.root} holds earlier syncs of it"
+    if context.instance.get_latest_materialization_event(last_write_key(mapping)) is not None:
+        return "the Dagster instance records earlier syncs of it"
+    return None
+
+
+def via_of(context: dg.AssetExecutionContext) -> str:
+    """What started the run, as the lease names its holder."""
+    return str(context.run.tags.get(VIA_TAG, "Dagster run"))
+
+
+def priority_side(mapping: FlowMapping, system: str) -> str:
+    """The engine's side of the priority system (a name the flow does not hold is an error)."""
+    if not system:
+        return "a"
+    for side in ("a", "b"):
+        if normalize_name(mapping.side(side).system) == normalize_name(system):
+            return side
+    raise dg.Failure(
+        f"priority {system!r} is not a system of flow {mapping.name} "
+        f"({mapping.a.system} or {mapping.b.system}): fix the run config 'priority'"
+    )
 
 
 def flow_key(mapping: FlowMapping, step: str) -> dg.AssetKey:
     return dg.AssetKey([mapping.name, step])
 
 
+def writes_key(mapping: FlowMapping, side: str) -> dg.AssetKey:
+    return flow_key(mapping, f"writes_to_{mapping.side(side).system_key}")
+
+
 def last_write_key(mapping: FlowMapping) -> dg.AssetKey:
-    return flow_key(mapping, f"writes_to_{WRITE_SIDES[-1][1]}")
+    return writes_key(mapping, WRITE_ORDER[-1])
 
 
 def markdown_table(frame: pl.DataFrame, limit: int = 10) -> str:
@@ -59,7 +112,7 @@ def markdown_table(frame: pl.DataFrame, limit: int = 10) -> str:
     return "\n".join([header, rule, *rows, *more])
 
 
-def planmarkdown_table(plan: Plan) -> str:
+def plan_markdown(plan: Plan, mapping: FlowMapping) -> str:
     """The plan as an operator reads it: counts, then samples of each part."""
     lines = [f"### Plan of `{plan.flow}`", ""]
     if plan.blocked:
@@ -67,16 +120,36 @@ def planmarkdown_table(plan: Plan) -> str:
     if plan.read_only:
         lines += ["**Read only / dry run:** nothing will be written.", ""]
     lines += ["| what | count |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in plan.counts.items()]
-    show = ["a_id", "b_id", "new_link", "write_a", "write_b"]
+    lines += [f"| {k} | {v} |" for k, v in named_counts(plan, mapping).items()]
+    a, b = mapping.a.system, mapping.b.system
+    names = {"a": a, "b": b}
+    pairs = plan.pairs.select(
+        pl.col("a_id").alias(f"{a} id"),
+        pl.col("b_id").alias(f"{b} id"),
+        "new_link",
+        pl.col("write_a").alias(f"writes to {a}"),
+        pl.col("write_b").alias(f"writes to {b}"),
+    )
+    conflicts = plan.conflicts.select(
+        pl.col("a_id").alias(f"{a} id"),
+        pl.col("b_id").alias(f"{b} id"),
+        "field",
+        pl.col("a_value").alias(f"{a} value"),
+        pl.col("b_value").alias(f"{b} value"),
+        pl.col("winner").replace_strict(names, default=None).alias("winner"),
+    )
+
+    def by_system(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.with_columns(pl.col("side").replace_strict(names, default=None))
+
     for title, frame in (
-        ("Updates and new links", plan.pairs.select(show)),
-        ("Creates in Custom CRM (from CRMOffice)", plan.creates["a"]),
-        ("Creates in CRMOffice (from Custom CRM)", plan.creates["b"]),
-        ("Conflicts", plan.conflicts),
-        ("Ambiguous matches", plan.ambiguous),
-        ("Deferred", plan.deferred),
-        ("Failed", plan.failed),
+        ("Updates and new links", pairs),
+        (f"Creates in {a} (from {b})", plan.creates["a"]),
+        (f"Creates in {b} (from {a})", plan.creates["b"]),
+        ("Conflicts", conflicts),
+        ("Ambiguous matches", by_system(plan.ambiguous)),
+        ("Deferred", by_system(plan.deferred)),
+        ("Failed", by_system(plan.failed)),
     ):
         lines += ["", f"#### {title}", "", markdown_table(frame)]
     return "\n".join(lines)
@@ -92,18 +165,33 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
         group_name=group,
         deps=[*snapshots, flow_key(mapping, "dataflow"), *[last_write_key(m) for m in after]],
         kinds={"polars", "parquet"},
-        required_resource_keys={"storage"},
-        description=f"Both sides of '{mapping.title}' projected onto its properties, typed.",
+        required_resource_keys={"storage", mapping.a.system_key, mapping.b.system_key},
+        pool=flow_pool(mapping),
+        description=f"Both sides of '{mapping.title}' projected onto its properties, typed. "
+        "A run that writes the flow takes the flow's lease here (one writer per flow).",
     )
     def mapped(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         storage = context.resources.storage
-        a, b = map_flow(mapping, storage.snapshots(), storage.state())
-        folder = storage.flow_dir(mapping.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        a.write_parquet(folder / "mapped_a.parquet")
-        b.write_parquet(folder / "mapped_b.parquet")
-        meta: dict[str, Any] = {}
-        for side, frame in (("custom_crm", a), ("crm_office", b)):
+        state, store = storage.state(), storage.snapshots()
+        identity = state.identity(
+            data_dir=str(storage.root), instance=os.environ.get("DAGSTER_HOME") or "ephemeral"
+        )
+        meta: dict[str, Any] = {"state_created": identity.get("created_at", "")}
+        if writes_key(mapping, WRITE_ORDER[0]) in context.job_def.asset_layer.selected_asset_keys:
+            lease = take_flow(state, mapping, context.run.run_id, via_of(context))
+            meta["lease"] = lease.holder
+
+            def read(obj: SourceObject) -> None:
+                with getattr(context.resources, obj.system_key).client() as client:
+                    read_snapshot(client, obj, store, state)
+
+            if refresh_if_stale(lease, mapping, store, read):
+                context.log.info("another run wrote this flow meanwhile: snapshots read again")
+                meta["snapshots_read_again"] = True
+        refs = reference_links(state, mapping)
+        a, b = map_flow(mapping, store, refs)
+        storage.flow_files(mapping.name, context.run.run_id).save_mapped(a, b)
+        for side, frame in ((mapping.a.system_key, a), (mapping.b.system_key, b)):
             meta[f"{side}_records"] = frame.filter(~pl.col("deleted")).height
             meta[f"{side}_conversion_errors"] = frame.filter(pl.col("error").is_not_null()).height
             meta[f"{side}_unresolved_references"] = frame.filter(pl.col("unresolved")).height
@@ -115,83 +203,124 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
         deps=[mapped],
         kinds={"polars"},
         required_resource_keys={"storage"},
+        pool=flow_pool(mapping),
         description=f"The plan of '{mapping.title}': links, merges, creates, conflicts.",
     )
     def reconciled(
         context: dg.AssetExecutionContext, config: ReconcileConfig
     ) -> dg.MaterializeResult:
         storage = context.resources.storage
-        folder = storage.flow_dir(mapping.name)
-        a = pl.read_parquet(folder / "mapped_a.parquet")
-        b = pl.read_parquet(folder / "mapped_b.parquet")
+        files = storage.flow_files(mapping.name, context.run.run_id)
+        a, b = files.load_mapped()
         options = ReconcileOptions(
             mode="read_only" if config.dry_run else config.mode,
             force=config.force,
+            rebuild_links=config.rebuild_links,
             propagate_deletes=config.propagate_deletes,
-            priority=config.priority,
+            priority=priority_side(mapping, config.priority),
             max_update_share=config.max_update_share,
         )
-        plan = plan_flow(mapping, a, b, storage.state(), options)
-        plan_dir = folder / "plan"
-        save_plan(plan, plan_dir)
-        (plan_dir / f"confirmed_{WRITE_SIDES[0][0]}.parquet").unlink(missing_ok=True)
+        try:
+            plan = plan_flow(
+                mapping, a, b, storage.state(), options, earlier_runs(context, mapping)
+            )
+        except StateRefused as exc:
+            raise dg.Failure(description=str(exc)) from None
+        files.save_plan(plan)
         return dg.MaterializeResult(
             metadata={
-                **{k: int(v) for k, v in plan.counts.items()},
+                **named_counts(plan, mapping),
                 "blocked": plan.blocked or "no",
                 "dry_run": config.dry_run,
-                "plan": dg.MetadataValue.md(planmarkdown_table(plan)),
+                "plan": dg.MetadataValue.md(plan_markdown(plan, mapping)),
             }
         )
 
     assets = [mapped, reconciled]
     previous: dg.AssetsDefinition = reconciled
-    for side, system_key in WRITE_SIDES:
-        assets.append(_writes_asset(mapping, side, system_key, previous))
+    for side in WRITE_ORDER:
+        assets.append(_writes_asset(mapping, side, previous))
         previous = assets[-1]
     return assets
 
 
 def _writes_asset(
-    mapping: FlowMapping, side: str, system_key: str, upstream: dg.AssetsDefinition
+    mapping: FlowMapping, side: str, upstream: dg.AssetsDefinition
 ) -> dg.AssetsDefinition:
-    first = side == WRITE_SIDES[0][0]
-    system = mapping.side(side).system
+    first, last = side == WRITE_ORDER[0], side == WRITE_ORDER[-1]
+    system, system_key = mapping.side(side).system, mapping.side(side).system_key
 
     @dg.asset(
-        key=flow_key(mapping, f"writes_to_{system_key}"),
+        key=writes_key(mapping, side),
         group_name=mapping.name,
         deps=[upstream],
         kinds={"python"},
         required_resource_keys={"storage", system_key},
+        pool=flow_pool(mapping),
         description=f"The plan of '{mapping.title}' applied to {system}.",
     )
     def writes(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         storage = context.resources.storage
-        plan_dir = storage.flow_dir(mapping.name) / "plan"
-        plan = load_plan(plan_dir)
-        confirmed_path = plan_dir / f"confirmed_{WRITE_SIDES[0][0]}.parquet"
-        confirmed_other = None
-        if not first and confirmed_path.exists():
-            confirmed_other = set(pl.read_parquet(confirmed_path).get_column("a_id").to_list())
+        files = storage.flow_files(mapping.name, context.run.run_id)
+        plan = files.load_plan()
+        state = storage.state()
+        if not is_held(mapping.name, context.run.run_id):  # a step re-executed on its own
+            check_plan_current(
+                take_flow(state, mapping, context.run.run_id, via_of(context)),
+                files.plan_written_at(),
+            )
+        if first and plan.blocked and not plan.read_only:
+            raise dg.Failure(description=plan.blocked, metadata=named_counts(plan, mapping))
+        confirmed_other = None if first else files.load_confirmed()
         with getattr(context.resources, system_key).client() as client:
             writer = FlowWriter(
                 mapping,
                 plan,
-                storage.state(),
+                state,
                 storage.snapshots(),
                 client,
                 side,
                 context.run.run_id,
+                reference_links(state, mapping),
             )
             result, confirmed = writer.run(confirmed_other)
         if first:
-            pl.DataFrame({"a_id": sorted(confirmed)}, schema={"a_id": pl.String}).write_parquet(
-                confirmed_path
-            )
+            files.save_confirmed(confirmed)
+        if last:
+            if not plan.blocked and (plan.rebuild_links or not plan.read_only):
+                state.mark_synced(mapping.name, context.run.run_id)
+                storage.synced_marker(mapping.name).write_text(context.run.run_id)
+            release_held(context.run.run_id, mapping.name)
+        if result.failures:  # the run stays a success; the Runs list and its log say so
+            report_dead_letters(context, mapping, system, result)
+        context.log.info(
+            f"{system}: {result.created} created, {result.updated} updated, "
+            f"{result.deferred} deferred, {result.failed} failed"
+        )
         return dg.MaterializeResult(metadata=write_metadata(result))
 
     return writes
+
+
+#: The run tag counting the records a run could not write (they wait as dead letters).
+DEAD_LETTERS_TAG = "crm_sync/dead_letters"
+
+
+def report_dead_letters(
+    context: dg.AssetExecutionContext, mapping: FlowMapping, system: str, result: WriteResult
+) -> None:
+    """A warning naming the failed records with their reasons, and a run tag with the count."""
+    sample = "; ".join(f"{i} ({action}): {message}" for i, action, message in result.failures[:5])
+    more = f" and {len(result.failures) - 5} more" if len(result.failures) > 5 else ""
+    context.log.warning(
+        f"{len(result.failures)} record(s) of {mapping.name} could not be written to {system} "
+        f"and wait as dead letters (crm-assets dead-letters list --flow {mapping.name}): "
+        f"{sample}{more}"
+    )
+    run_id = context.run.run_id
+    run = context.instance.get_run_by_id(run_id)  # as tagged now (the other writes step too)
+    earlier = int((run.tags if run else {}).get(DEAD_LETTERS_TAG, "0") or 0)
+    context.instance.add_run_tags(run_id, {DEAD_LETTERS_TAG: str(earlier + len(result.failures))})
 
 
 def write_metadata(result: WriteResult) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""``python -m crm_assets.embedded custom-crm|crm-office --port P --data DIR [...]``.
+"""``python -m crm_assets.embedded SYSTEM --port P --data DIR [...]``.
+
+``SYSTEM`` is a connector's slug (``SYSTEMS``, from the registry).
 
 The same options as ``crm-assets serve``, usable without the CLI (tests start services so).
 """
@@ -9,6 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from crm_assets.embedded.middleware import DEFAULT_MAX_BODY_BYTES
 from crm_assets.embedded.service import SYSTEMS, run_service
 
 
@@ -23,12 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="N demo contacts if empty")
     parser.add_argument("--rate-limit", type=float, default=None, help="requests per second")
     parser.add_argument("--faults", action="store_true", help="enable /_admin fault injection")
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="request bodies above this are refused 413 (default %(default)s)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_service(args.system, args.port, args.data, args.seed, args.rate_limit, args.faults)
+    run_service(
+        args.system,
+        args.port,
+        args.data,
+        args.seed,
+        args.rate_limit,
+        args.faults,
+        max_body_bytes=args.max_body_bytes,
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""ASGI middleware shared by both embedded CRMs: rate limit, authentication, fault injection.
+"""ASGI middleware shared by both embedded CRMs: Date header, body limit, rate limit,
+authentication, fault injection.
 
 Pure ASGI (no ``BaseHTTPMiddleware``) so they run before routing and body parsing: an
-unauthenticated call is refused 401 even when its body is malformed, and a dropped
-connection really drops.
+unauthenticated call is refused 401 even when its body is malformed, an oversized body is
+refused 413 before it is read, and a dropped connection really drops.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from crm_assets.embedded.clock import Clock
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -27,6 +30,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Paths anyone may call: the API description and the OAuth2 token endpoint.
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ADMIN_PREFIX = "/_admin/"
+#: Request bodies above this are refused 413 (a CRMOffice batch of 100 full records is a
+#: few hundred KiB, at most a few MiB even with every string 4-byte UTF-8).
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 log = logging.getLogger("crm_assets.embedded")
 
 
@@ -41,6 +47,121 @@ async def send_json(
     ]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": payload})
+
+
+class DateHeaderMiddleware:
+    """Give every response exactly one ``Date`` header, read from the service's clock.
+
+    Outermost (uvicorn runs with ``date_header=False``), so the 413, 429 and 401 of the
+    other middleware and Starlette's own 500 carry it too, and a clock offset shows in it.
+    """
+
+    def __init__(self, app: ASGIApp, clock: Clock) -> None:
+        self.app = app
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_dated(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"date"]
+                headers.append((b"date", self.clock.http_date().encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_dated)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies above ``max_bytes`` with 413, before reading them.
+
+    A ``Content-Length`` above the limit is answered at once, nothing of the body read. A
+    body without one (chunked) is counted as the app reads it: once past the limit the app
+    gets ``http.disconnect`` instead of more bytes, the client gets the 413 (when nothing
+    was answered yet) and whatever the app answers afterwards is dropped. Either way the
+    response says ``Connection: close``: the unread rest of the body is never read.
+    Runs outside authentication and rate limiting, so they never read a body either.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, send: Send) -> None:
+        message = f"request body larger than {self.max_bytes} bytes"
+        await send_json(
+            send,
+            413,
+            {"errors": [{"field": "body", "message": message}]},
+            [(b"connection", b"close")],
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            log.warning(
+                "refused %s %s: Content-Length %d > %d",
+                scope["method"],
+                scope["path"],
+                declared,
+                self.max_bytes,
+            )
+            await self._refuse(send)
+            return
+        received = 0
+        refused = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    log.warning(
+                        "refused %s %s: body past %d bytes",
+                        scope["method"],
+                        scope["path"],
+                        self.max_bytes,
+                    )
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 is the answer
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            # the app saw a disconnect it could not handle (e.g. ClientDisconnect): answered
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses it; counting still applies
+    return None
 
 
 class TokenBucket:
@@ -160,7 +281,7 @@ class FaultConfig:
     - ``drop_rate``: share of calls whose work is done and committed, then the connection
       is closed mid-response (the client sees a transport error);
     - ``throttle_rate``: share of calls answered 429 with ``Retry-After: 1`` (bursts);
-    - ``batch_item_error_rate``: share of CRMOffice batch items failing with 500, unapplied.
+    - ``batch_item_error_rate``: share of batch items (where the API has batches) failing with 500, unapplied.
     """
 
     error_rate: float = 0.0

@@ -1,23 +1,16 @@
-"""Deterministic demo data for both embedded CRMs.
+"""The shared fake world both embedded CRMs are seeded from: people, organisations, stamps.
 
-``--seed N`` gives each CRM N contacts and ``max(1, N // 10)`` products/companies, drawn from
-one shared "world" so that the two CRMs overlap the way real ones do:
+``--seed N`` gives each CRM N contacts and ``max(1, N // 10)`` organisation records, drawn
+from one world so that the CRMs overlap the way real ones do: ~60 % of the people and of
+the organisations are on both sides (:data:`SHARE`), the rest are each side's own. Each CRM
+folder projects the world onto its own records (``crm_assets/<crm>/seed.py``,
+``demo_records(n)``) and adds its own quirks there: differing case or whitespace, conflicting
+or empty values, ambiguous duplicates, references to the employer.
 
-- ~60 % of the people are in both CRMs with the same e-mail; on the CRMOffice side the
-  address sometimes differs in case (~10 %) or has stray whitespace (~2 %);
-- ~60 % of the products share their name with a company (a trailing space now and then),
-  with the same number/url/address unless the values conflict;
-- a few ambiguous duplicates: CRMOffice-only contacts that reuse the e-mail of a shared
-  person (two CRMOffice candidates for one Custom CRM contact), and CRMOffice-only
-  companies that reuse the name of a shared product;
-- a few conflicting values (same person, different title or phone; same company,
-  different website or description) and a few empty fields;
-- contacts reference their employer: ``ProductId`` in Custom CRM, ``company.id`` in
-  CRMOffice, pointing at corresponding records for shared people.
-
-Both services generate the same world from N alone (``random.Random`` with an N-derived
-seed), so each can seed itself without talking to the other. Pure Python, no I/O: 100,000
-contacts per side take well under a second or two.
+Every part of the world has its own random stream (``random.Random`` with an N-derived
+seed), so each service generates only what it holds, from N alone, without talking to the
+other, and still agrees with it on everything shared. Pure Python, no I/O: 100,000 contacts
+per side take well under a second or two.
 """
 
 from __future__ import annotations
@@ -124,25 +117,9 @@ _SEED_NOW_US = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
 _YEAR_US = 365 * 86_400 * 1_000_000
 _MONTH_US = 30 * 86_400 * 1_000_000
 
-CUSTOM_CONTACT_PREFIX = "C-"
-CUSTOM_PRODUCT_PREFIX = "P-"
-#: CRMOffice numeric id ranges (distinct so a contact id never passes for a company id).
-OFFICE_COMPANY_START = 1001
-OFFICE_CONTACT_START = 100001
-
-
-def custom_id(prefix: str, number: int) -> str:
-    """Custom CRM ids: ``C-000001`` (contacts), ``P-000001`` (products)."""
-    return f"{prefix}{number:06d}"
-
-
-def office_id(number: int) -> str:
-    """CRMOffice ids are integers rendered as strings, e.g. ``"1001"``."""
-    return str(number)
-
 
 @dataclass(slots=True)
-class _Org:
+class Org:
     name: str
     core: str
     org_nr: str
@@ -157,7 +134,7 @@ class _Org:
 
 
 @dataclass(slots=True)
-class _Person:
+class Person:
     first: str
     last: str
     email: str
@@ -187,7 +164,7 @@ def _stamp(us: int) -> str:
     return (_EPOCH_NAIVE + timedelta(microseconds=us)).isoformat(timespec="microseconds") + "Z"
 
 
-class _Rng(random.Random):
+class Rng(random.Random):
     """``random.Random`` with a cheaper pick (a float index instead of rejection sampling)."""
 
     def pick(self, seq: Sequence[Any]) -> Any:
@@ -197,12 +174,14 @@ class _Rng(random.Random):
         return int(self.random() * n)
 
 
-class _World:
-    """Everything both CRMs are seeded from, for one N.
+class World:
+    """Everything the CRMs are seeded from, for one N.
 
-    Each part (organisations, shared people, each side's own people, each side's records)
-    has its own random stream, so a CRM only generates what it holds and still agrees with
-    the other one on everything shared.
+    ``n`` people per side, the first ``shared_c`` of them shared (``shared_people``, the
+    same on both sides); ``p`` organisations per side, the first ``shared_p`` shared (see
+    :meth:`org`). Each part (organisations, shared people, each side's own people, each
+    side's records) has its own random stream (:meth:`rng`), so a CRM only generates what
+    it holds and still agrees with the other one on everything shared.
     """
 
     def __init__(self, n: int) -> None:
@@ -210,18 +189,25 @@ class _World:
         self.p = max(1, n // 10)
         self.shared_p = max(1, round(self.p * SHARE))
         self.shared_c = round(n * SHARE)
-        # organisations: 0..shared_p-1 shared, then Custom-CRM-only, then CRMOffice-only
-        self.orgs = self._orgs(self._rng("orgs"), 2 * self.p - self.shared_p)
-        self.shared_people = self._people(self._rng("shared-people"), self.shared_c, "{f}.{l}")
+        # organisations: 0..shared_p-1 shared, then side 0's own, then side 1's own
+        self.orgs = self._orgs(self.rng("orgs"), 2 * self.p - self.shared_p)
+        self.shared_people = self.people(self.rng("shared-people"), self.shared_c, "{f}.{l}")
         self.shared_emails = {person.email for person in self.shared_people}
 
-    def _rng(self, part: str) -> _Rng:
-        return _Rng(f"crm-assets-demo-{self.n}-{part}")
+    def rng(self, part: str) -> Rng:
+        """The random stream of one named part of the world (the same for the same N)."""
+        return Rng(f"crm-assets-demo-{self.n}-{part}")
+
+    def org(self, side: int, j: int) -> Org:
+        """Side ``side``'s (0 or 1) ``j``-th organisation: the shared ones first, then its own."""
+        if side == 0 or j < self.shared_p:
+            return self.orgs[j]
+        return self.orgs[self.p + (j - self.shared_p)]
 
     # -- building blocks -----------------------------------------------------------------
-    def _orgs(self, rng: _Rng, count: int) -> list[_Org]:
+    def _orgs(self, rng: Rng, count: int) -> list[Org]:
         used: set[str] = set()
-        orgs: list[_Org] = []
+        orgs: list[Org] = []
         for _ in range(count):
             core = rng.pick(ORG_CORES)
             base = f"{rng.pick(ORG_PREFIXES)} {core} {rng.pick(LEGAL_FORMS)}".strip()
@@ -234,7 +220,7 @@ class _World:
             domain = _slug(name.replace(" ASA", "").replace(" AS", "")) + ".no"
             empty = rng.random() < 0.05
             orgs.append(
-                _Org(
+                Org(
                     name=name,
                     core=core.lower(),
                     org_nr=str(rng.randrange(800_000_000, 1_000_000_000)),
@@ -251,7 +237,8 @@ class _World:
         return orgs
 
     @staticmethod
-    def _phone(rng: _Rng, mobile: bool) -> str:
+    def phone(rng: Rng, mobile: bool) -> str:
+        """A Norwegian phone number in one of the spellings people use."""
         if mobile:
             digits = f"{rng.pick('49')}{rng.below(10_000_000):07d}"
         else:
@@ -263,14 +250,14 @@ class _World:
             return f"+47{digits}"
         return digits
 
-    def _people(self, rng: _Rng, count: int, local_format: str) -> list[_Person]:
+    def people(self, rng: Rng, count: int, local_format: str) -> list[Person]:
         """``count`` people; e-mails unique among themselves and against the shared ones.
 
         Each side's own people use a different local-part format, so one side's own people
         never collide with the other side's by accident.
         """
         used: set[str] = set(getattr(self, "shared_emails", ()))
-        people: list[_Person] = []
+        people: list[Person] = []
         orgs = self.orgs
         for _ in range(count):
             first, last = rng.pick(FIRST_NAMES), rng.pick(LAST_NAMES)
@@ -283,206 +270,24 @@ class _World:
                 email = f"{local}{k}@{domain}"
             used.add(email)
             people.append(
-                _Person(
+                Person(
                     first=first,
                     last=last,
                     email=email,
-                    phone=None if rng.random() < 0.08 else self._phone(rng, mobile=False),
-                    mobile=None if rng.random() < 0.1 else self._phone(rng, mobile=True),
+                    phone=None if rng.random() < 0.08 else self.phone(rng, mobile=False),
+                    mobile=None if rng.random() < 0.1 else self.phone(rng, mobile=True),
                     title=None if rng.random() < 0.06 else rng.pick(TITLES),
                 )
             )
         return people
 
     @staticmethod
-    def _stamps(rng: _Rng) -> tuple[str, str]:
+    def stamps(rng: Rng) -> tuple[str, str]:
+        """A record's (created, modified) stamps within the year before the fixed "now"."""
         created = _SEED_NOW_US - rng.below(_YEAR_US)
         modified = min(_SEED_NOW_US - 1, created + rng.below(_MONTH_US))
         return _stamp(created), _stamp(modified)
 
-    def _employer_shared(self, i: int) -> int:
+    def employer_shared(self, i: int) -> int:
         """A shared person's employer: the same shared organisation on both sides."""
         return (i * 7919) % self.shared_p
-
-    # -- Custom CRM ------------------------------------------------------------------------
-    def custom_products(self) -> list[dict[str, Any]]:
-        rng = self._rng("custom-products")
-        out = []
-        for i in range(self.p):
-            org = self.orgs[i]  # 0..shared_p-1 shared, then Custom-CRM-only organisations
-            created, modified = self._stamps(rng)
-            out.append(
-                {
-                    "Id": custom_id(CUSTOM_PRODUCT_PREFIX, i + 1),
-                    "Name": org.name,
-                    "ProductNumber": int(org.org_nr) if rng.random() > 0.03 else None,
-                    "Description": org.description,
-                    "Url": org.website,
-                    "Active": org.active,
-                    "Street": org.street,
-                    "PostalCode": org.post_code,
-                    "City": org.city,
-                    "Country": org.country,
-                    "Created": created,
-                    "Modified": modified,
-                    "Version": 1,
-                    "Deleted": False,
-                }
-            )
-        return out
-
-    def custom_contacts(self) -> list[dict[str, Any]]:
-        rng = self._rng("custom-contacts")
-        own = self._people(self._rng("custom-people"), self.n - self.shared_c, "{f}.{l}")
-        people = self.shared_people + own
-        out = []
-        for i in range(self.n):
-            person = people[i]
-            if rng.random() < 0.1:
-                product = None
-            elif i < self.shared_c:
-                product = custom_id(CUSTOM_PRODUCT_PREFIX, self._employer_shared(i) + 1)
-            else:
-                product = custom_id(CUSTOM_PRODUCT_PREFIX, rng.below(self.p) + 1)
-            created, modified = self._stamps(rng)
-            out.append(
-                {
-                    "Id": custom_id(CUSTOM_CONTACT_PREFIX, i + 1),
-                    "FirstName": person.first,
-                    "LastName": person.last,
-                    "Email": person.email,
-                    "Phone": person.phone,
-                    "MobilePhone": person.mobile,
-                    "Title": person.title,
-                    "ProductId": product,
-                    "Created": created,
-                    "Modified": modified,
-                    "Version": 1,
-                    "Deleted": False,
-                }
-            )
-        return out
-
-    # -- CRMOffice ---------------------------------------------------------------------------
-    def office_companies(self) -> list[dict[str, Any]]:
-        rng = self._rng("office-companies")
-        only = self.p - self.shared_p  # CRMOffice-only companies, some become duplicates
-        n_dupes = min(only, max(1, self.p // 100)) if self.p >= 3 else 0
-        dupes = {self.p - 1 - k for k in range(n_dupes)}
-        out = []
-        for j in range(self.p):
-            org = self.orgs[j if j < self.shared_p else self.p + (j - self.shared_p)]
-            name, website, description, active = org.name, org.website, org.description, org.active
-            if j < self.shared_p:
-                roll = rng.random()
-                if roll < 0.03:
-                    name = name + " "  # stray whitespace
-                elif roll < 0.06:
-                    website = f"https://{org.domain}"  # conflicting value
-                elif roll < 0.09:
-                    description = None  # empty on this side
-                elif roll < 0.1:
-                    active = not active  # conflicting value
-            elif j in dupes:
-                # ambiguous: a second company with the name of a shared product
-                name = self.orgs[(self.p - 1 - j) % self.shared_p].name
-            created, modified = self._stamps(rng)
-            visit = None
-            if org.street is not None or rng.random() < 0.5:
-                visit = {
-                    "streetAddress": org.street,
-                    "postCode": org.post_code,
-                    "postalArea": org.city,
-                    "country": org.country,
-                }
-            post = None
-            if rng.random() >= 0.3:
-                post = {
-                    "streetAddress": f"Postboks {rng.randint(1, 9999)}",
-                    "postCode": org.post_code,
-                    "postalArea": org.city,
-                    "country": org.country,
-                }
-            out.append(
-                {
-                    "id": office_id(OFFICE_COMPANY_START + j),
-                    "name": name,
-                    "orgNr": org.org_nr if rng.random() > 0.05 else None,
-                    "website": website,
-                    "description": description,
-                    "isActive": active,
-                    "postAddress": post,
-                    "visitAddress": visit,
-                    "createdAt": created,
-                    "updatedAt": modified,
-                    "rowVersion": 1,
-                }
-            )
-        return out
-
-    def office_contacts(self) -> list[dict[str, Any]]:
-        rng = self._rng("office-contacts")
-        own = self._people(self._rng("office-people"), self.n - self.shared_c, "{i}.{l}")
-        people = self.shared_people + own
-        only = self.n - self.shared_c
-        n_dupes = min(only, max(1, self.n // 200)) if self.n >= 3 and self.shared_c else 0
-        dupes = {self.n - 1 - k for k in range(n_dupes)}
-        out = []
-        for j in range(self.n):
-            person = people[j]
-            email, title, phone, mobile = person.email, person.title, person.phone, person.mobile
-            if j < self.shared_c:
-                roll = rng.random()
-                if roll < 0.06:
-                    email = email[0].upper() + email[1:]  # differs only in case
-                elif roll < 0.1:
-                    email = email.upper()
-                elif roll < 0.12:
-                    email = f" {email} " if roll < 0.11 else f"{email} "  # stray whitespace
-                roll = rng.random()
-                if roll < 0.03:
-                    title = rng.pick(TITLES)  # conflicting title
-                elif roll < 0.06:
-                    phone = self._phone(rng, mobile=False)  # conflicting phone
-                elif roll < 0.09:
-                    mobile = None  # empty on this side
-                company_index = self._employer_shared(j)
-            else:
-                if j in dupes:
-                    # ambiguous: a second CRMOffice contact with a shared person's e-mail
-                    email = self.shared_people[(self.n - 1 - j) % self.shared_c].email
-                company_index = rng.below(self.p)
-            company = (
-                None
-                if rng.random() < 0.1
-                else {"id": office_id(OFFICE_COMPANY_START + company_index)}
-            )
-            created, modified = self._stamps(rng)
-            out.append(
-                {
-                    "id": office_id(OFFICE_CONTACT_START + j),
-                    "givenName": person.first,
-                    "familyName": person.last,
-                    "email": email,
-                    "directPhone": phone,
-                    "mobilePhone": mobile,
-                    "title": title,
-                    "company": company,
-                    "createdAt": created,
-                    "updatedAt": modified,
-                    "rowVersion": 1,
-                }
-            )
-        return out
-
-
-def demo_records(system: str, n: int) -> dict[str, list[dict[str, Any]]]:
-    """The seeded records of one CRM as API documents, by object name (parents first)."""
-    if n <= 0:
-        return {}
-    world = _World(n)
-    if system == "custom-crm":
-        return {"products": world.custom_products(), "contacts": world.custom_contacts()}
-    if system == "crm-office":
-        return {"companies": world.office_companies(), "contacts": world.office_contacts()}
-    raise ValueError(f"unknown system {system!r}")

@@ -5,13 +5,16 @@ few columns the API filters and orders on, so a page of 1,000 records is one ind
 scan plus a string join (no per-record JSON round trip). Every write runs under one process
 lock, and the timestamp is taken inside that lock: commits happen in timestamp order, which
 is what keeps modified-since / keyset paging from ever skipping a record.
+
+Stamps are read from the service's :class:`~crm_assets.embedded.clock.Clock`, so they
+follow its offset (the clock fault), but never go backwards: after the offset is moved
+back, stamps hold just after the newest one until the clock passes it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -20,6 +23,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+from crm_assets.embedded.clock import Clock
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -50,18 +55,27 @@ def parse_rfc3339(value: str) -> str:
     return parsed.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class Clock:
-    """Strictly increasing UTC microsecond clock: two writes never share a timestamp."""
+class StampClock:
+    """Strictly increasing UTC microsecond stamps read from ``source`` (the service clock).
 
-    def __init__(self, last_us: int = 0) -> None:
+    Two writes never share a timestamp, and a stamp never goes back behind one already
+    stored (clock skew, restored data, an offset moved back).
+    """
+
+    def __init__(self, source: Clock, last_us: int = 0) -> None:
+        self.source = source
         self._last = last_us
 
     def advance_to(self, us: int) -> None:
         """Never go back behind a timestamp already stored (clock skew, restored data)."""
         self._last = max(self._last, us)
 
+    def forget(self) -> None:
+        """Nothing is stored any more (a wipe): the next stamp is the clock's own."""
+        self._last = 0
+
     def next_us(self) -> int:
-        now = time.time_ns() // 1000
+        now = self.source.time_ns() // 1000
         self._last = now if now > self._last else self._last + 1
         return self._last
 
@@ -94,9 +108,14 @@ def record_table(metadata: sa.MetaData, name: str) -> sa.Table:
 
 
 class Store:
-    """The SQLite database of one embedded CRM, with its write lock and clock."""
+    """The SQLite database of one embedded CRM, with its write lock and clock.
 
-    def __init__(self, data_dir: Path, filename: str, objects: Sequence[str]) -> None:
+    ``clock`` is the service's clock (its own when not given); ``self.clock`` stamps writes.
+    """
+
+    def __init__(
+        self, data_dir: Path, filename: str, objects: Sequence[str], clock: Clock | None = None
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / filename
         self.engine: Engine = sa.create_engine(
@@ -132,7 +151,8 @@ class Store:
         )
         self.metadata.create_all(self.engine)
         self.lock = threading.RLock()
-        self.clock = Clock()
+        self.service_clock = clock or Clock()
+        self.clock = StampClock(self.service_clock)
         with self.engine.connect() as conn:
             for table in self.tables.values():
                 latest = conn.execute(sa.select(sa.func.max(table.c.modified))).scalar()
@@ -187,6 +207,7 @@ class Store:
                 conn.execute(sa.delete(table))
             conn.execute(sa.delete(self.counters))
             conn.execute(sa.delete(self.idempotency))
+            self.clock.forget()  # no stamp left to stay ahead of
 
     def bulk_insert(self, conn: Connection, obj: str, rows: Iterable[dict[str, Any]]) -> None:
         """Insert prepared rows (seeding); advances the clock past their timestamps."""
@@ -218,10 +239,11 @@ class Store:
             sa.insert(self.idempotency).values(obj=obj, key=key, record_id=record_id, created=now)
         )
 
-    # -- bearer tokens ----------------------------------------------------------------------
+    # -- bearer tokens (expiry on the real clock, see crm_assets.embedded.clock) ------------
     def save_token(self, token: str, expires_at: float) -> None:
         with self.write() as conn:
-            conn.execute(sa.delete(self.tokens).where(self.tokens.c.expires_at < time.time()))
+            now = self.service_clock.real_time()
+            conn.execute(sa.delete(self.tokens).where(self.tokens.c.expires_at < now))
             conn.execute(
                 sa.insert(self.tokens).values(token_hash=token_hash(token), expires_at=expires_at)
             )
@@ -230,7 +252,7 @@ class Store:
         with self.read() as conn:
             rows = conn.execute(
                 sa.select(self.tokens.c.token_hash, self.tokens.c.expires_at).where(
-                    self.tokens.c.expires_at >= time.time()
+                    self.tokens.c.expires_at >= self.service_clock.real_time()
                 )
             ).all()
         return {row.token_hash: row.expires_at for row in rows}

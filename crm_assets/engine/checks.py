@@ -13,6 +13,7 @@ import polars as pl
 
 from crm_assets.engine.document import slug
 from crm_assets.engine.mapping import Column, FlowMapping, convert
+from crm_assets.engine.reconcile import same_value
 from crm_assets.engine.snapshot import DELETED, FIELD_DTYPES
 
 
@@ -29,23 +30,35 @@ def disagreements(
     b: pl.DataFrame,
     links: pl.DataFrame,
     reference_links: Mapping[str, pl.DataFrame] | None = None,
+    gone_references: Mapping[str, pl.Series] | None = None,
 ) -> pl.DataFrame:
     """``a_id, b_id, field, a_value, b_value, waiting`` for every linked pair and field that differ.
 
     ``waiting`` marks a reference that cannot agree yet: it points at a record not
     linked in the referenced flow (an ambiguous or failed one), so the sync defers it.
+    Merge keys compare in canonical form; a reference one side lost because its record
+    was deleted there (``gone_references``) is kept on purpose, not a disagreement.
     """
     pairs = _live_pairs(a, b, links)
     parts = []
+    keys = mapping.key_columns
     for column in mapping.columns:
         c = column.name
+        differ = ~same_value(c, keys)(pl.col(f"a.{c}"), pl.col(f"b.{c}"))
+        gone = (gone_references or {}).get(c)
+        if gone is not None and len(gone):
+            ids = gone.implode()
+            kept = (pl.col(f"a.{c}").is_null() & pl.col(f"b.{c}").is_in(ids)) | (
+                pl.col(f"b.{c}").is_null() & pl.col(f"a.{c}").is_in(ids)
+            )
+            differ = differ & ~kept
         waiting = pl.lit(False)
         if column.reference is not None and reference_links is not None:
             linked = reference_links[column.reference].get_column("a_id").implode()
             a_value = pl.col(f"a.{c}")
             waiting = pl.col("b.unresolved") | (a_value.is_not_null() & ~a_value.is_in(linked))
         parts.append(
-            pairs.filter(~pl.col(f"a.{c}").eq_missing(pl.col(f"b.{c}"))).select(
+            pairs.filter(differ).select(
                 "a_id",
                 "b_id",
                 pl.lit(c).alias("field"),
@@ -87,6 +100,12 @@ class CheckOutcome:
     column: Column | None = None  # the property row a property check belongs to
 
 
+#: The warning a flow with an empty property table gets instead of property checks.
+NO_PROPERTIES = "properties_to_sync"
+#: The warning counting references a delete cleared on one side and the other side kept.
+SIDE_EFFECTS = "no_delete_side_effects"
+
+
 def check_name(path: str, what: str) -> str:
     """A check name from a property path: ``visitAddress.postCode`` → ``visitaddress_postcode_agrees``."""
     return f"{slug(path)}_{what}"
@@ -99,6 +118,8 @@ def linked_check_name(system: str) -> str:
 def check_catalog(mapping: FlowMapping) -> dict[str, str]:
     """Every check of a flow's QA checklist, name → description, in checklist order."""
     out: dict[str, str] = {}
+    if not mapping.columns:
+        out[NO_PROPERTIES] = "the flow has properties to sync (its property table is not empty)"
     for c in mapping.columns:
         out[check_name(c.name, "agrees")] = f"{c.a_field} and {c.b_field} agree for every link"
         out[check_name(c.name, "type")] = (
@@ -111,6 +132,11 @@ def check_catalog(mapping: FlowMapping) -> dict[str, str]:
     out["links_one_to_one"] = "no record is linked twice"
     out["no_failed_writes"] = "the dead-letter table holds no record of this flow"
     out["no_ambiguous_matches"] = "no record matches two or more records on the other side"
+    if any(c.reference for c in mapping.columns):
+        out[SIDE_EFFECTS] = (
+            "no reference was cleared on one side only because its record was deleted there "
+            "(such clears are not propagated: the other side keeps its reference)"
+        )
     return out
 
 
@@ -145,15 +171,27 @@ def flow_checks(
     dead_letters: pl.DataFrame,
     reference_links: Mapping[str, pl.DataFrame] | None = None,
     sample_size: int = 5,
+    side_effects: pl.DataFrame | None = None,
+    gone_references: Mapping[str, pl.Series] | None = None,
 ) -> list[CheckOutcome]:
     """The QA checklist of one flow, from what both systems hold after the writes."""
     a, b = mapped["a"], mapped["b"]
     names = {"a": mapping.a.system, "b": mapping.b.system}
     catalog = check_catalog(mapping)
-    differ = disagreements(mapping, a, b, links, reference_links)
+    differ = disagreements(mapping, a, b, links, reference_links, gone_references)
     linked = linked_pairs(a, b, links)
     bad_types = {side: type_violations(mapping, snapshots[side], side) for side in ("a", "b")}
     out: list[CheckOutcome] = []
+    if not mapping.columns:
+        out.append(
+            CheckOutcome(
+                name=NO_PROPERTIES,
+                description="no properties to sync: the flow links records but writes no field",
+                passed=False,
+                severity="warn",
+                counts={"property_rows": 0},
+            )
+        )
     for column in mapping.columns:
         field_rows = differ.filter(pl.col("field") == column.name)
         mine = field_rows.filter(~pl.col("waiting")).drop("waiting")
@@ -248,4 +286,16 @@ def flow_checks(
             sample=ambiguous.head(sample_size),
         )
     )
+    if SIDE_EFFECTS in catalog:
+        kept = side_effects if side_effects is not None else pl.DataFrame()
+        out.append(
+            CheckOutcome(
+                name=SIDE_EFFECTS,
+                description=catalog[SIDE_EFFECTS],
+                passed=kept.height == 0,
+                severity="warn",
+                counts={"references_kept": kept.height},
+                sample=kept.head(sample_size) if kept.height else None,
+            )
+        )
     return out

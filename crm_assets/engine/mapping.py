@@ -10,12 +10,12 @@ All of it is whole-frame polars expressions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import polars as pl
 
-from crm_assets.engine.document import DataflowDocument, Flow
+from crm_assets.engine.document import DataflowDocument, Endpoint, Flow
 from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.snapshot import DELETED, ERROR, FIELD_DTYPES
 
@@ -68,6 +68,13 @@ class FlowMapping:
         return [c.name for c in self.columns]
 
     @property
+    def key_columns(self) -> frozenset[str]:
+        """The canonical columns that are merge keys: compared in canonical form, so two
+        spellings of one key never overwrite each other."""
+        merge = set(self.merge)
+        return frozenset(c.name for c in self.columns if (c.a_field, c.b_field) in merge)
+
+    @property
     def references(self) -> list[str]:
         """The flows this flow's references are translated through (they run first)."""
         return sorted({c.reference for c in self.columns if c.reference})
@@ -76,17 +83,16 @@ class FlowMapping:
         return self.a if side == "a" else self.b
 
 
-def build_flow_mapping(
-    document: DataflowDocument, flow: Flow, objects: Mapping[tuple[str, str], SourceObject]
-) -> FlowMapping:
+#: Finds the object one end of a flow stands for (raises when no connector provides it).
+Resolver = Callable[[Flow, Endpoint], SourceObject]
+
+
+def build_flow_mapping(document: DataflowDocument, flow: Flow, resolve: Resolver) -> FlowMapping:
     """Check a flow against its objects' fields and resolve its references."""
-    try:
-        a = objects[(flow.source.system, flow.source.entity)]
-        b = objects[(flow.target.system, flow.target.entity)]
-    except KeyError as exc:
-        raise MappingError(f"line {flow.line}: no connector for {exc.args[0]}") from None
+    a = resolve(flow, flow.source)
+    b = resolve(flow, flow.target)
     columns: list[Column] = []
-    for row in flow.properties:
+    for row in flow.enabled_properties:  # a disabled row (broken condition) is never synced
         if row.condition is not None:
             raise MappingError(
                 f"line {row.line}: conditional row {row.source!r}: {a.system} {a.obj} has no arrays"
@@ -96,7 +102,7 @@ def build_flow_mapping(
                 raise MappingError(f"line {row.line}: {obj.system} {obj.obj} has no field {path!r}")
         reference = None
         if row.source in a.references or row.target in b.references:
-            reference = _referenced_flow(document, flow, row.source, row.target, a, b, objects)
+            reference = _referenced_flow(document, flow, row.source, row.target, a, b, resolve)
         if any(c.name == row.target for c in columns):
             raise MappingError(f"line {row.line}: {row.target!r} is the target of two rows")
         columns.append(Column(row.target, row.source, row.target, row.type, reference))
@@ -115,13 +121,22 @@ def _referenced_flow(
     b_field: str,
     a: SourceObject,
     b: SourceObject,
-    objects: Mapping[tuple[str, str], SourceObject],
+    resolve: Resolver,
 ) -> str:
     target = (a.references.get(a_field), b.references.get(b_field))
     for other in document.flows:
-        oa = objects.get((other.source.system, other.source.entity))
-        ob = objects.get((other.target.system, other.target.entity))
-        if oa and ob and (oa.obj, ob.obj) == target and other.name != flow.name:
+        if other.name == flow.name:
+            continue
+        try:
+            oa, ob = resolve(other, other.source), resolve(other, other.target)
+        except ValueError:
+            continue  # a flow no connector provides translates nothing
+        if (oa.system_key, oa.obj, ob.system_key, ob.obj) == (
+            a.system_key,
+            target[0],
+            b.system_key,
+            target[1],
+        ):
             return other.name
     raise MappingError(
         f"line {flow.line}: {a_field} -> {b_field} is a reference, but no flow links "
@@ -129,11 +144,22 @@ def _referenced_flow(
     )
 
 
-def normalize_key(expr: pl.Expr, field: str) -> pl.Expr:
-    """Merge criteria compare trimmed, e-mail addresses case-insensitively; empty is no key."""
-    text = expr.cast(pl.String).str.strip_chars()
-    if "mail" in field.lower():
-        text = text.str.to_lowercase()
+#: Every Unicode space and invisible formatting character (no-break and zero-width
+#: spaces, byte order marks, soft hyphens): none of them is part of a key.
+_INVISIBLE = r"[\s\p{Cf}]"
+
+
+def canonical_key(expr: pl.Expr) -> pl.Expr:
+    """A merge-key value as keys compare (DESIGN 5.1): Unicode NFC, case-folded, every space
+    and invisible character stripped; empty is no key. ``Åse@x.no`` composed or decomposed,
+    padded with a no-break space or a zero-width one, upper or lower case: one key."""
+    text = (
+        expr.cast(pl.String)
+        .str.normalize("NFC")
+        .str.to_lowercase()
+        .str.replace_all("ß", "ss", literal=True)  # full case folding where lowercasing differs
+        .str.replace_all(_INVISIBLE, "")
+    )
     return pl.when(text == "").then(None).otherwise(text)
 
 
@@ -233,7 +259,7 @@ def map_side(
         exprs.append(converted.alias(column.name))
     for i, (a_field, b_field) in enumerate(mapping.merge):
         field = a_field if side == "a" else b_field
-        exprs.append(normalize_key(pl.col(field), field).alias(f"key{i}"))
+        exprs.append(canonical_key(pl.col(field)).alias(f"key{i}"))
     unreadable = pl.col(ERROR) if ERROR in snapshot.columns else pl.lit(None, dtype=pl.String)
     errors = pl.concat_str(
         [unreadable, _conversion_errors(checks)], separator="; ", ignore_nulls=True

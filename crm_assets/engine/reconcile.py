@@ -20,12 +20,13 @@ flow's links with their base values. The rules (DESIGN section 5):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import polars as pl
 
-from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.mapping import FlowMapping, canonical_key
 
 SIDES = ("a", "b")
 
@@ -36,7 +37,8 @@ def other(side: str) -> str:
 
 @dataclass(frozen=True)
 class ReconcileOptions:
-    """How a flow syncs; the defaults are a full two-way sync with Custom CRM priority."""
+    """How a flow syncs; the defaults are a full two-way sync where the document's source
+    system (side ``a``) wins conflicts at the same modification time."""
 
     mode: str = "full"  # read_only | limited | full
     priority: str = "a"
@@ -45,6 +47,12 @@ class ReconcileOptions:
     max_update_share: float = 0.5
     breaker_min_links: int = 50
     force: bool = False
+    #: each side's clock offset (its CRM's clock minus the sync host's, seconds): conflicts
+    #: compare modification times corrected by them
+    clock_offsets: tuple[float, float] = (0.0, 0.0)
+    #: relink from the CRMs after a lost state: merge criteria and records whose every
+    #: mapped value agrees; nothing is created or written
+    rebuild_links: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("read_only", "limited", "full"):
@@ -64,15 +72,25 @@ class Plan:
     pairs: pl.DataFrame
     #: records to create on a side: {"a": frame of side-b records, "b": frame of side-a ones}
     creates: dict[str, pl.DataFrame]
-    conflicts: pl.DataFrame  # a_id, b_id, field, a_value, b_value, winner
+    conflicts: pl.DataFrame  # a_id, b_id, field, a_value, b_value, winner, a/b_modified
     ambiguous: pl.DataFrame  # side, id, candidates
     tombstones: pl.DataFrame  # a_id, b_id, deleted_side
     deletes: dict[str, pl.DataFrame]  # side -> ids to delete there (delete propagation)
     deferred: pl.DataFrame  # side, id, reason
     failed: pl.DataFrame  # side, id, reason
+    #: references cleared because their target was deleted, not propagated:
+    #: a_id, b_id, field, side (where it was cleared), kept_value
+    side_effects: pl.DataFrame = field(
+        default_factory=lambda: _empty_ids("a_id", "b_id", "field", "side", "kept_value")
+    )
+    #: records to create whose copy (every mapped value equal) is on the other side already,
+    #: found when the flow has no link at all: a_id, b_id
+    copies: pl.DataFrame = field(default_factory=lambda: _empty_ids("a_id", "b_id"))
     counts: dict[str, int] = field(default_factory=dict)
     blocked: str | None = None
     read_only: bool = False
+    #: a run that only rebuilds lost links: new links are saved, nothing is written
+    rebuild_links: bool = False
 
 
 def _empty_ids(*names: str) -> pl.DataFrame:
@@ -86,6 +104,7 @@ def reconcile_flow(
     links: pl.DataFrame,
     options: ReconcileOptions | None = None,
     pending_creates: pl.DataFrame | None = None,
+    gone_references: Mapping[str, pl.Series] | None = None,
 ) -> Plan:
     """The plan for one flow.
 
@@ -93,7 +112,9 @@ def reconcile_flow(
     where there is no base yet, ``has_base`` false). ``pending_creates``:
     ``side, source_id`` of creates whose outcome is unknown (a crash between the
     call and the state commit): their records are matched on all mapped values
-    too, so a create that landed is linked instead of made twice.
+    too, so a create that landed is linked instead of made twice. ``gone_references``:
+    per reference column, the canonical values whose referenced record was deleted (its
+    link in the referenced flow is tombstoned).
     """
     options = options or ReconcileOptions()
     cols = mapping.names
@@ -108,6 +129,8 @@ def reconcile_flow(
     # row number, without another join. (A hash collision could hide a change with odds of
     # about 2^-64 per pair.)
     def digest(frame: pl.DataFrame, prefix: str) -> pl.Series:
+        if not cols:  # a flow with no property rows: every record hashes alike
+            return pl.zeros(frame.height, pl.UInt64, eager=True).alias(f"{prefix}.h")
         values = frame.select([pl.col(f"{prefix}.{c}").alias(c) for c in cols])
         return values.hash_rows().alias(f"{prefix}.h")
 
@@ -184,7 +207,8 @@ def reconcile_flow(
     ua = a.filter(~linked_rows["a"] & ~pl.col("a.deleted")).lazy()
     ub = b.filter(~linked_rows["b"] & ~pl.col("b.deleted")).lazy()
     linked = linked.lazy()
-    candidates = _candidates(mapping, ua, ub, pending_creates).collect().lazy()
+    candidates = _candidates(mapping, ua, ub, pending_creates, options.rebuild_links)
+    candidates = candidates.collect().lazy()
     a_count = candidates.group_by("a_id").agg(pl.col("b_id").n_unique().alias("n"))
     b_count = candidates.group_by("b_id").agg(pl.col("a_id").n_unique().alias("n"))
     matched = candidates.join(a_count.filter(pl.col("n") == 1).select("a_id"), on="a_id").join(
@@ -219,6 +243,15 @@ def reconcile_flow(
     # -- creates --------------------------------------------------------------------------------
     create_b = ua.join(candidates.select("a_id"), on="a_id", how="anti")
     create_a = ub.join(candidates.select("b_id"), on="b_id", how="anti")
+    if not cols or options.rebuild_links:  # links only: no properties, or rebuilding links
+        create_b, create_a = create_b.clear(), create_a.clear()
+    # with no link at all (a first sync, or a lost state), creates that already have a copy
+    # on the other side are counted: the caller refuses to create them twice
+    copies = (
+        pl.concat([twins(create_b, ub, cols), twins(ua, create_a, cols)]).unique()
+        if cols and not links.height
+        else _empty_ids("a_id", "b_id").lazy()
+    )
     if options.mode == "limited" and options.enabled_at is not None:
         create_b = create_b.filter(pl.col("a.created") >= options.enabled_at)
         create_a = create_a.filter(pl.col("b.created") >= options.enabled_at)
@@ -247,12 +280,60 @@ def reconcile_flow(
             ),
         ]
     )
-    pairs = pairs.filter(~bad_pair & ~waiting)
+    # a linked record whose own reference is not linked yet (side b: its value cannot be
+    # read as the flow's canonical id) waits in that field only: it reads as unchanged
+    # (the base, or on a first link the other side's value) and its other fields sync
+    refs = [c.name for c in mapping.columns if c.reference]
+    unknown = pl.col("b.unresolved").fill_null(False)
+    pairs = pairs.filter(~bad_pair).with_columns(
+        pl.when(unknown)
+        .then(pl.when(pl.col("has_base")).then(pl.col(f"base.{c}")).otherwise(pl.col(f"a.{c}")))
+        .otherwise(pl.col(f"b.{c}"))
+        .alias(f"b.{c}")
+        for c in refs
+    )
     create_b = create_b.filter(pl.col("a.error").is_null())
     create_a = create_a.filter(pl.col("b.error").is_null() & ~pl.col("b.unresolved"))
 
+    # -- side effects of deletes (DESIGN 5.6) -------------------------------------------------------
+    # a reference cleared on one side because the record it pointed to is gone there (its
+    # link is tombstoned) is not a user's edit: it is read as unchanged, so the other side
+    # keeps its reference, and it is reported
+    effects = []
+    for c, ids in (gone_references or {}).items():
+        if c not in cols or not len(ids):
+            continue
+        for side in SIDES:
+            cleared = (
+                pl.col("has_base")
+                & pl.col(f"{side}.{c}").is_null()
+                & pl.col(f"base.{c}").is_in(ids.implode())
+            )
+            effects.append(
+                pairs.filter(cleared).select(
+                    "a_id",
+                    "b_id",
+                    pl.lit(c).alias("field"),
+                    pl.lit(side).alias("side"),
+                    pl.col(f"base.{c}").cast(pl.String).alias("kept_value"),
+                )
+            )
+            pairs = pairs.with_columns(
+                pl.when(cleared)
+                .then(pl.col(f"base.{c}"))
+                .otherwise(pl.col(f"{side}.{c}"))
+                .alias(f"{side}.{c}")
+            )
+    side_effects = (
+        pl.concat(effects)
+        if effects
+        else _empty_ids("a_id", "b_id", "field", "side", "kept_value").lazy()
+    )
+
     # -- three-way merge ---------------------------------------------------------------------------
-    pairs = pairs.with_columns(_merge_exprs(cols, options.priority)).collect().lazy()
+    keys = mapping.key_columns
+    merge = _merge_exprs(cols, options.priority, keys, options.clock_offsets)
+    pairs = pairs.with_columns(merge).collect().lazy()
     conflicts = pl.concat(
         [
             pairs.filter(pl.col(f"conflict.{c}")).select(
@@ -265,14 +346,21 @@ def reconcile_flow(
                 .then(pl.lit("a"))
                 .otherwise(pl.lit("b"))
                 .alias("winner"),
+                # the times compared, on the sync host's clock (each CRM's offset taken off)
+                corrected("a", options.clock_offsets).cast(pl.String).alias("a_modified"),
+                corrected("b", options.clock_offsets).cast(pl.String).alias("b_modified"),
             )
             for c in cols
         ]
-        or [_empty_ids("a_id", "b_id", "field", "a_value", "b_value", "winner").lazy()]
+        or [
+            _empty_ids(
+                "a_id", "b_id", "field", "a_value", "b_value", "winner", "a_modified", "b_modified"
+            ).lazy()
+        ]
     )
     differs = {
         side: pl.any_horizontal(
-            [~pl.col(f"final.{c}").eq_missing(pl.col(f"{side}.{c}")) for c in cols]
+            [~same_value(c, keys)(pl.col(f"final.{c}"), pl.col(f"{side}.{c}")) for c in cols]
         )
         if cols
         else pl.lit(False)
@@ -309,6 +397,8 @@ def reconcile_flow(
         ambiguous_df,
         deferred_df,
         failed_df,
+        side_effects_df,
+        copies_df,
     ) = pl.collect_all(
         [
             pairs,
@@ -318,6 +408,8 @@ def reconcile_flow(
             ambiguous,
             deferred,
             failed,
+            side_effects,
+            copies,
         ]
     )
     linked_count = {"a": known.height, "b": known.height}
@@ -332,17 +424,32 @@ def reconcile_flow(
         deletes=deletes,
         deferred=deferred_df,
         failed=failed_df,
-        read_only=options.mode == "read_only",
+        side_effects=side_effects_df,
+        copies=copies_df,
+        read_only=options.mode == "read_only" or options.rebuild_links,
+        rebuild_links=options.rebuild_links,
     )
     plan.counts = plan_counts(plan)
-    plan.blocked = _breaker(plan, linked_count, options)
+    plan.blocked = _breaker(plan, linked_count, options, mapping)
     return plan
 
 
+def twins(a: pl.LazyFrame, b: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
+    """(a_id, b_id) pairs whose every mapped value is equal (a record and its copy)."""
+    values_a = a.select("a_id", *[pl.col(f"a.{c}").alias(c) for c in names])
+    values_b = b.select("b_id", *[pl.col(f"b.{c}").alias(c) for c in names])
+    return values_a.join(values_b, on=names, nulls_equal=True).select("a_id", "b_id")
+
+
 def _candidates(
-    mapping: FlowMapping, ua: pl.LazyFrame, ub: pl.LazyFrame, pending: pl.DataFrame | None
+    mapping: FlowMapping,
+    ua: pl.LazyFrame,
+    ub: pl.LazyFrame,
+    pending: pl.DataFrame | None,
+    rebuild: bool = False,
 ) -> pl.LazyFrame:
-    """(a_id, b_id) pairs of unlinked live records that match on any merge criterion."""
+    """(a_id, b_id) pairs of unlinked live records that match on any merge criterion
+    (and, when rebuilding lost links, on all their mapped values)."""
     parts = [
         ua.select("a_id", pl.col(f"a.key{i}").alias("key"))
         .drop_nulls("key")
@@ -364,36 +471,54 @@ def _candidates(
                 continue
             mine_a = ua.join(ids, on="a_id") if side == "b" else ua
             mine_b = ub.join(ids, on="b_id") if side == "a" else ub
-            values_a = mine_a.select("a_id", *[pl.col(f"a.{c}").alias(c) for c in names])
-            values_b = mine_b.select("b_id", *[pl.col(f"b.{c}").alias(c) for c in names])
-            parts.append(values_a.join(values_b, on=names, nulls_equal=True).select("a_id", "b_id"))
+            parts.append(twins(mine_a, mine_b, names))
+    if rebuild and mapping.names:
+        # rebuilding lost links: records whose every mapped value agrees were synced before
+        parts.append(twins(ua, ub, mapping.names))
     if not parts:
         return _empty_ids("a_id", "b_id").lazy()
     return pl.concat(parts).unique()
 
 
-def _merge_exprs(cols: list[str], priority: str) -> list[pl.Expr]:
+def same_value(c: str, keys: frozenset[str]) -> Callable[[pl.Expr, pl.Expr], pl.Expr]:
+    """How two values of a column compare: merge keys in canonical form, the rest exactly."""
+    if c in keys:
+        return lambda x, y: canonical_key(x).eq_missing(canonical_key(y))
+    return lambda x, y: x.eq_missing(y)
+
+
+def corrected(side: str, offsets: tuple[float, float]) -> pl.Expr:
+    """A side's modification time on the sync host's clock (its CRM's offset taken off)."""
+    offset = offsets[SIDES.index(side)]
+    return pl.col(f"{side}.modified") - pl.duration(microseconds=round(offset * 1e6))
+
+
+def _merge_exprs(
+    cols: list[str], priority: str, keys: frozenset[str], offsets: tuple[float, float]
+) -> list[pl.Expr]:
     """Per column: the merged value and whether both sides changed it differently."""
-    a_newer = pl.col("a.modified") > pl.col("b.modified")
-    b_newer = pl.col("b.modified") > pl.col("a.modified")
+    a_time, b_time = corrected("a", offsets), corrected("b", offsets)
+    a_newer = a_time > b_time
+    b_newer = b_time > a_time
     exprs = []
     for c in cols:
         a, b, base = pl.col(f"a.{c}"), pl.col(f"b.{c}"), pl.col(f"base.{c}")
+        same = same_value(c, keys)
         prio = a if priority == "a" else b
         by_time = pl.when(a_newer).then(a).when(b_newer).then(b).otherwise(prio)
-        a_changed = ~a.eq_missing(base)
-        b_changed = ~b.eq_missing(base)
+        a_changed = ~same(a, base)
+        b_changed = ~same(b, base)
         with_base = (
             pl.when(~a_changed)
             .then(b)
             .when(~b_changed)
             .then(a)
-            .when(a.eq_missing(b))
+            .when(same(a, b))
             .then(a)
             .otherwise(by_time)
         )
         first_link = (
-            pl.when(a.eq_missing(b))
+            pl.when(same(a, b))
             .then(a)
             .when(a.is_null())
             .then(b)
@@ -404,8 +529,8 @@ def _merge_exprs(cols: list[str], priority: str) -> list[pl.Expr]:
         exprs.append(
             pl.when(pl.col("has_base")).then(with_base).otherwise(first_link).alias(f"final.{c}")
         )
-        conflict_with_base = a_changed & b_changed & ~a.eq_missing(b)
-        conflict_first = a.is_not_null() & b.is_not_null() & ~a.eq_missing(b)
+        conflict_with_base = a_changed & b_changed & ~same(a, b)
+        conflict_first = a.is_not_null() & b.is_not_null() & ~same(a, b)
         exprs.append(
             pl.when(pl.col("has_base"))
             .then(conflict_with_base)
@@ -435,6 +560,7 @@ def plan_counts(plan: Plan) -> dict[str, int]:
         "conflicts": plan.conflicts.height,
         "ambiguous": plan.ambiguous.height,
         "tombstones": plan.tombstones.height,
+        "delete_side_effects_kept": plan.side_effects.height,
         "deletes_a": plan.deletes["a"].height,
         "deletes_b": plan.deletes["b"].height,
         "deferred": plan.deferred.height,
@@ -442,7 +568,16 @@ def plan_counts(plan: Plan) -> dict[str, int]:
     }
 
 
-def _breaker(plan: Plan, linked: dict[str, int], options: ReconcileOptions) -> str | None:
+#: How an operator writes past the circuit breaker, as its message says.
+FORCE_HINT = (
+    "to write anyway, launch the flow's job with run config force: true on its reconciled "
+    "step (Launchpad), or run crm-assets sync --force"
+)
+
+
+def _breaker(
+    plan: Plan, linked: dict[str, int], options: ReconcileOptions, mapping: FlowMapping
+) -> str | None:
     """Why the plan must not be written (too many updates or deletes on one side), if so."""
     if options.force:
         return None
@@ -451,7 +586,8 @@ def _breaker(plan: Plan, linked: dict[str, int], options: ReconcileOptions) -> s
         touched = plan.counts[f"updates_{side}"] + plan.counts[f"deletes_{side}"]
         if total >= options.breaker_min_links and touched > options.max_update_share * total:
             return (
-                f"circuit breaker: {touched} of {total} linked records on side {side} would change "
-                f"(limit {options.max_update_share:.0%}); run with force to write anyway"
+                f"circuit breaker: {touched} of {total} linked records in "
+                f"{mapping.side(side).system} would change (limit "
+                f"{options.max_update_share:.0%}); nothing written; {FORCE_HINT}"
             )
     return None

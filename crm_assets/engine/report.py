@@ -9,7 +9,9 @@ from typing import Any
 from crm_assets.engine.checks import check_name
 from crm_assets.engine.document import DataflowDocument
 
-PASS, FAIL, WARN, UNKNOWN = "✅", "❌", "⚠️", "❔"
+# words beside the symbols: a terminal or browser without an emoji font still reads them
+PASS, FAIL, WARN, UNKNOWN = "✅ PASS", "❌ FAIL", "⚠️ WARN", "❔ NOT CHECKED"
+SKIPPED = "⏭️ SKIPPED"
 
 
 def _mark(result: Mapping[str, Any] | None) -> str:
@@ -30,11 +32,15 @@ def render_qa_report(
     document: DataflowDocument,
     results: Mapping[str, Mapping[str, Mapping[str, Any]]],
     generated: datetime,
+    skipped: Mapping[str, str] | None = None,
 ) -> str:
     """Markdown: per flow, per property row, the agreement and type checks; then flow checks.
 
-    ``results``: flow name → check name → ``{"passed", "severity", "counts"}``.
+    ``results``: flow name → check name → ``{"passed", "severity", "counts"}``;
+    ``skipped``: flow name → why it cannot run (no connector): shown as skipped,
+    never as passed.
     """
+    skipped = skipped or {}
     lines = [
         f"# QA report: {document.title}",
         "",
@@ -42,13 +48,18 @@ def render_qa_report(
     ]
     lines += [
         "",
-        f"{PASS} passed · {FAIL} failed (error) · {WARN} failed (warning) · {UNKNOWN} not checked",
+        f"{PASS}: passed · {FAIL}: failed (error) · {WARN}: failed (warning) · "
+        f"{UNKNOWN}: not checked yet · {SKIPPED}: flow not synced",
         "",
     ]
     total = failed = 0
     for flow in document.flows:
         mine = results.get(flow.name, {})
         lines += [f"## {flow.title}", ""]
+        if flow.name in skipped:
+            lines += [f"**{SKIPPED}**: {skipped[flow.name]}", ""]
+        elif not flow.enabled_properties:
+            lines += [f"**{WARN}: no properties to sync**: the property table is empty.", ""]
         if flow.merge:
             merge = "; ".join(f"`{m.source}` = `{m.target}`" for m in flow.merge)
             lines += [f"Merge on {merge}.", ""]
@@ -58,6 +69,12 @@ def render_qa_report(
             "|---|---|---|---|---|---|",
         ]
         for row in flow.properties:
+            if row.disabled:
+                lines.append(
+                    f"| `{row.source}` | `{row.target}` | {row.type or 'N/A'} | disabled | disabled "
+                    f"| not synced: {row.disabled} |"
+                )
+                continue
             agree = mine.get(check_name(row.target, "agrees"))
             typed = mine.get(check_name(row.target, "type"))
             for r in (agree, typed):
@@ -80,5 +97,8 @@ def render_qa_report(
                 failed += not r["passed"]
                 lines.append(f"| {r.get('description', name)} | {_mark(r)} | {_counts(r)} |")
         lines.append("")
-    lines.insert(3, f"\n**{total - failed} of {total} checks pass.**")
+    summary = f"\n**{total - failed} of {total} checks pass.**"
+    if skipped:
+        summary += f" {len(skipped)} flow(s) skipped: no connector."
+    lines.insert(3, summary)
     return "\n".join(lines)

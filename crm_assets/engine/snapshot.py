@@ -42,6 +42,22 @@ def schema(fields: Mapping[str, str]) -> pl.Schema:
     )
 
 
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys back to nested objects; an object whose values are all null is null."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[key] = value
+    for key, value in out.items():
+        if isinstance(value, dict):
+            nested = unflatten(value)
+            out[key] = None if all(v is None for v in nested.values()) else nested
+    return out
+
+
 def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested objects to dotted keys: ``{"company": {"id": 1}}`` → ``{"company.id": 1}``."""
     out: dict[str, Any] = {}
@@ -130,11 +146,25 @@ class SnapshotChange:
         return self.frame.filter(~pl.col(DELETED)).height
 
 
-def newest(frame: pl.DataFrame | None, modified: str) -> datetime | None:
-    """The newest modification time in a snapshot, if any."""
+def newest(
+    frame: pl.DataFrame | None, modified: str, crm_now: datetime | None = None
+) -> datetime | None:
+    """The newest modification time in a snapshot, if any; with ``crm_now`` (the CRM's
+    own clock), only times that have come: a record dated in the future never moves a
+    cursor past the CRM's now, so later edits are not skipped."""
     if frame is None or frame.height == 0:
         return None
-    return frame.get_column(modified).max()  # type: ignore[return-value]
+    times = frame.get_column(modified)
+    if crm_now is not None:
+        times = times.filter(times <= crm_now)
+    return times.max()  # type: ignore[return-value]
+
+
+def future_dated(frame: pl.DataFrame | None, modified: str, crm_now: datetime) -> int:
+    """How many records are dated after the CRM's now (they are read again until then)."""
+    if frame is None or frame.height == 0:
+        return 0
+    return frame.filter(pl.col(modified) > crm_now).height
 
 
 def merge_snapshot(

@@ -9,6 +9,8 @@ polars, so loading a million links stays a single query and a vectorized decode.
 from __future__ import annotations
 
 import json
+import statistics
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -20,6 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 SCHEMA_VERSION = 1
+
+#: Clock readings kept per CRM (their median is the CRM's offset).
+CLOCK_SAMPLES = 7
 
 metadata = sa.MetaData()
 
@@ -92,12 +97,80 @@ audit = sa.Table(
     sa.Index("ix_audit_flow_ids", "flow", "a_id"),
 )
 
+flow_syncs = sa.Table(
+    "flow_syncs",
+    metadata,
+    sa.Column("flow", sa.String(200), primary_key=True),
+    sa.Column("first_completed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_completed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_run_id", sa.String(64), nullable=False),
+)
+
+state_meta = sa.Table(
+    "state_meta",
+    metadata,
+    sa.Column("key", sa.String(100), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+own_writes = sa.Table(
+    "own_writes",
+    metadata,
+    sa.Column("system", sa.String(100), primary_key=True),
+    sa.Column("obj", sa.String(100), primary_key=True),
+    sa.Column("record_id", sa.String(200), primary_key=True),
+    sa.Column("stamp", sa.String(40), nullable=False),  # modification time, see stamp_key
+    sa.Column("at", sa.Float, nullable=False),  # epoch seconds on the sync host
+)
+
+clock_samples = sa.Table(
+    "clock_samples",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("system", sa.String(100), nullable=False),
+    sa.Column("offset_seconds", sa.Float, nullable=False),  # CRM clock minus the sync host's
+    sa.Index("ix_clock_samples_system", "system", "seq"),
+)
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("flow", sa.String(200), primary_key=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("holder", sa.String(300), nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),  # epoch seconds (sync host's clock)
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("released_at", sa.Float, nullable=True),  # null while held
+)
+
 cursors = sa.Table(
     "cursors",
     metadata,
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+
+#: ``Date`` headers have whole seconds: an offset within this is noise, read as none, so
+#: that it never reorders edits made less than a second apart on a host in step.
+CLOCK_RESOLUTION_SECONDS = 2.0
+
+
+def significant(offset: float | None) -> float:
+    """A measured clock offset, with what the ``Date`` header's resolution cannot tell as 0."""
+    return 0.0 if offset is None or abs(offset) < CLOCK_RESOLUTION_SECONDS else offset
+
+
+#: How long the sync remembers its own writes (the sensors look at them within minutes).
+OWN_WRITES_SECONDS = 24 * 3600
+
+
+def stamp_key(text: str) -> str:
+    """A modification time as the sensors compare it: UTC with microseconds."""
+    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def now() -> datetime:
@@ -136,6 +209,15 @@ class SyncState:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def _rows_in(self, query: sa.Select, column: sa.Column, values: Sequence[str]) -> list[Any]:
+        """The rows of ``query`` whose ``column`` is one of ``values`` (in chunks, which
+        keeps each statement under the databases' parameter limits)."""
+        rows: list[Any] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(values), 5000):
+                rows += conn.execute(query.where(column.in_(values[start : start + 5000]))).all()
+        return rows
+
     def _upsert(
         self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], keys: Sequence[str]
     ) -> None:
@@ -157,6 +239,47 @@ class SyncState:
                 found = now()
                 conn.execute(flows.insert().values(flow=flow, enabled_at=found))
         return found if found.tzinfo else found.replace(tzinfo=UTC)
+
+    def mark_synced(self, flow: str, run_id: str) -> None:
+        """Record that a sync of the flow wrote everything it planned (its state is real)."""
+        at = now()
+        row = {
+            "flow": flow,
+            "first_completed_at": at,
+            "last_completed_at": at,
+            "last_run_id": run_id,
+        }
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                flow_syncs.update()
+                .where(flow_syncs.c.flow == flow)
+                .values(last_completed_at=at, last_run_id=run_id)
+            )
+            if done.rowcount == 0:
+                conn.execute(flow_syncs.insert().values(**row))
+
+    def synced(self, flow: str) -> bool:
+        """Whether a sync of the flow ever completed against this state database."""
+        with self.engine.connect() as conn:
+            query = sa.select(flow_syncs.c.flow).where(flow_syncs.c.flow == flow)
+            return conn.execute(query).first() is not None
+
+    def identity(self, **claim: str) -> dict[str, str]:
+        """Who created this state database and when; ``claim`` records it the first time
+        (e.g. ``data_dir``, ``instance``), so a state met from another place says so."""
+        with self.engine.begin() as conn:
+            found = dict(conn.execute(sa.select(state_meta.c.key, state_meta.c.value)).all())
+            if not found and claim:
+                found = {"created_at": now().isoformat(timespec="seconds"), **claim}
+                conn.execute(
+                    state_meta.insert(), [{"key": k, "value": v} for k, v in found.items()]
+                )
+        return found
+
+    def has_links(self, flow: str) -> bool:
+        with self.engine.connect() as conn:
+            query = sa.select(links.c.a_id).where(links.c.flow == flow).limit(1)
+            return conn.execute(query).first() is not None
 
     # -- links -----------------------------------------------------------------------------
     def links(self, flow: str, columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
@@ -451,6 +574,70 @@ class SyncState:
         }
         return pl.DataFrame([{k: r[k] for k in schema} for r in rows], schema=schema)
 
+    def dead_letter_records(self, flow: str | None = None) -> pl.DataFrame:
+        """Like :meth:`dead_letters`, with when each failure was first and last seen (UTC)."""
+        query = sa.select(dead_letters).order_by(
+            dead_letters.c.flow, dead_letters.c.first_at, dead_letters.c.record_id
+        )
+        if flow is not None:
+            query = query.where(dead_letters.c.flow == flow)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for row in rows:
+            row["first_at"], row["last_at"] = _utc(row["first_at"]), _utc(row["last_at"])
+        schema = {
+            "flow": pl.String,
+            "side": pl.String,
+            "record_id": pl.String,
+            "action": pl.String,
+            "attempts": pl.Int64,
+            "message": pl.String,
+            "first_at": pl.Datetime("us", "UTC"),
+            "last_at": pl.Datetime("us", "UTC"),
+        }
+        return pl.DataFrame([{k: r[k] for k in schema} for r in rows], schema=schema)
+
+    def reset_dead_letters(
+        self,
+        flow: str,
+        keys: Iterable[tuple[str, str, str]],
+        run_id: str,
+        audit_rows: Iterable[Mapping[str, Any]] = (),
+    ) -> int:
+        """Dead letters ``(side, record id, action)`` start counting attempts afresh (the
+        next plan retries every open one anyway); ``audit_rows`` say who asked, in the
+        same transaction. Returns how many were found."""
+        found = 0
+        with self.engine.begin() as conn:
+            for side, record_id, action in keys:
+                done = conn.execute(
+                    dead_letters.update()
+                    .where(*_dead_letter_key(flow, side, record_id, action))
+                    .values(attempts=0)
+                )
+                found += done.rowcount or 0
+            self._audit(conn, run_id, flow, audit_rows)
+        return found
+
+    def delete_dead_letters(
+        self,
+        flow: str,
+        keys: Iterable[tuple[str, str, str]],
+        run_id: str,
+        audit_rows: Iterable[Mapping[str, Any]] = (),
+    ) -> int:
+        """Remove dead letters ``(side, record id, action)``; ``audit_rows`` say who did, in
+        the same transaction. Returns how many were removed."""
+        removed = 0
+        with self.engine.begin() as conn:
+            for side, record_id, action in keys:
+                done = conn.execute(
+                    dead_letters.delete().where(*_dead_letter_key(flow, side, record_id, action))
+                )
+                removed += done.rowcount or 0
+            self._audit(conn, run_id, flow, audit_rows)
+        return removed
+
     # -- audit -------------------------------------------------------------------------------
     def record_audit(self, run_id: str, flow: str, rows: Iterable[Mapping[str, Any]]) -> None:
         with self.engine.begin() as conn:
@@ -467,6 +654,13 @@ class SyncState:
                 audit.insert(), [{c: row.get(c) for c in columns if c != "seq"} for row in payload]
             )
 
+    def audited(self, flow: str, kind: str, a_ids: Sequence[str]) -> set[tuple[str, str]]:
+        """``(a_id, field)`` pairs of the given records that already have an audit row of a kind."""
+        query = sa.select(audit.c.a_id, audit.c.field).where(
+            (audit.c.flow == flow) & (audit.c.kind == kind)
+        )
+        return {(a, f) for a, f in self._rows_in(query, audit.c.a_id, a_ids)}
+
     def audit_log(self, flow: str | None = None) -> pl.DataFrame:
         query = sa.select(audit).order_by(audit.c.seq)
         if flow is not None:
@@ -478,6 +672,89 @@ class SyncState:
             [{k: r[k] for k in names} for r in rows], schema=dict.fromkeys(names, pl.String)
         )
 
+    def audit_entries(
+        self,
+        flow: str | None = None,
+        kinds: Sequence[str] = (),
+        since: datetime | None = None,
+        record_id: str | None = None,
+        limit: int | None = None,
+    ) -> pl.DataFrame:
+        """Audit rows with their time (UTC) and sequence number, oldest first: of one flow,
+        of some kinds, at or after ``since``, naming a record (on either side), the last
+        ``limit`` of them."""
+        query = sa.select(audit).order_by(audit.c.seq.desc())
+        if flow is not None:
+            query = query.where(audit.c.flow == flow)
+        if kinds:
+            query = query.where(audit.c.kind.in_(list(kinds)))
+        if since is not None:
+            since = since if since.tzinfo else since.replace(tzinfo=UTC)
+            query = query.where(audit.c.at >= since.astimezone(UTC))
+        if record_id is not None:
+            query = query.where((audit.c.a_id == record_id) | (audit.c.b_id == record_id))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        rows.reverse()
+        for row in rows:
+            row["at"] = _utc(row["at"])
+        schema: dict[str, Any] = {c.name: pl.String for c in audit.columns}
+        schema.update(seq=pl.Int64, at=pl.Datetime("us", "UTC"))
+        return pl.DataFrame([{k: r[k] for k in schema} for r in rows], schema=schema)
+
+    # -- the sync's own writes -----------------------------------------------------------------
+    def record_own_writes(self, system: str, obj: str, stamped: Iterable[tuple[str, str]]) -> None:
+        """The records the sync just wrote, with the modification time each write got."""
+        t = time.time()
+        rows = [
+            {"system": system, "obj": obj, "record_id": i, "stamp": stamp_key(s), "at": t}
+            for i, s in stamped
+        ]
+        with self.engine.begin() as conn:
+            self._upsert(conn, own_writes, rows, ("system", "obj", "record_id"))
+            conn.execute(own_writes.delete().where(own_writes.c.at < t - OWN_WRITES_SECONDS))
+
+    def own_writes(self, system: str, obj: str, stamped: Sequence[tuple[str, str]]) -> set[str]:
+        """Of ``(record id, modification time)`` pairs, the ids whose version the sync wrote
+        itself (a change the sensors must not start another run for)."""
+        wanted = {i: stamp_key(s) for i, s in stamped}
+        query = sa.select(own_writes.c.record_id, own_writes.c.stamp).where(
+            (own_writes.c.system == system) & (own_writes.c.obj == obj)
+        )
+        return {
+            i
+            for i, s in self._rows_in(query, own_writes.c.record_id, list(wanted))
+            if wanted.get(i) == s
+        }
+
+    # -- clocks ---------------------------------------------------------------------------------
+    def record_clock(self, system: str, offset_seconds: float, keep: int = CLOCK_SAMPLES) -> None:
+        """One reading of a CRM's clock offset (from its ``Date`` headers); the last
+        ``keep`` readings per CRM are kept."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                clock_samples.insert().values(system=system, offset_seconds=offset_seconds)
+            )
+            old = (
+                sa.select(clock_samples.c.seq)
+                .where(clock_samples.c.system == system)
+                .order_by(clock_samples.c.seq.desc())
+                .offset(keep)
+            )
+            conn.execute(clock_samples.delete().where(clock_samples.c.seq.in_(old)))
+
+    def clock_offset(self, system: str) -> float:
+        """A CRM's clock offset against the sync host (seconds): the median of its last
+        readings, robust to one slow answer; 0 before any reading."""
+        with self.engine.connect() as conn:
+            query = sa.select(clock_samples.c.offset_seconds).where(
+                clock_samples.c.system == system
+            )
+            values = sorted(conn.execute(query).scalars())
+        return significant(statistics.median(values)) if values else 0.0
+
     # -- cursors -------------------------------------------------------------------------------
     def cursor(self, name: str) -> str | None:
         with self.engine.connect() as conn:
@@ -486,6 +763,20 @@ class SyncState:
     def set_cursor(self, name: str, value: str) -> None:
         with self.engine.begin() as conn:
             self._upsert(conn, cursors, [{"name": name, "value": value}], ("name",))
+
+
+def _utc(value: datetime) -> datetime:
+    """A stored time as UTC (SQLite hands back the UTC wall time without its zone)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _dead_letter_key(flow: str, side: str, record_id: str, action: str) -> list[Any]:
+    return [
+        dead_letters.c.flow == flow,
+        dead_letters.c.side == side,
+        dead_letters.c.record_id == record_id,
+        dead_letters.c.action == action,
+    ]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,183 @@
+"""Flow planning: the document's flows resolved to connectors' objects, mapped, and planned.
+
+Each flow's two ends are resolved through the connector registry, so a flow
+works in whichever direction the document gives it. A flow whose system or
+object no connector provides is an error naming it, unless the caller chose
+to skip such flows (then they are listed as skipped, never dropped silently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import polars as pl
+
+from crm_assets.connectors import UnsupportedFlow, resolve_endpoint
+from crm_assets.engine.document import DataflowDocument, Endpoint, Flow
+from crm_assets.engine.mapping import FlowMapping, build_flow_mapping, map_side
+from crm_assets.engine.objects import SourceObject
+from crm_assets.engine.reconcile import Plan, ReconcileOptions, reconcile_flow
+from crm_assets.engine.snapshot import SnapshotStore, schema
+from crm_assets.engine.state import SyncState
+
+#: The order a flow's sides are written in: the document's target first, then its source.
+#: The first settles links, tombstones and the bases that need no write.
+WRITE_ORDER = ("b", "a")
+
+
+@dataclass(frozen=True)
+class SkippedFlow:
+    """A flow of the document that cannot run, and why (one line)."""
+
+    name: str
+    title: str
+    reason: str
+
+
+@dataclass
+class FlowSet:
+    """The flows that run (referenced flows first) and those skipped."""
+
+    mappings: list[FlowMapping]
+    skipped: list[SkippedFlow] = field(default_factory=list)
+
+
+def flow_set(document: DataflowDocument, skip_unsupported: bool = False) -> FlowSet:
+    """The document's flows resolved through the connectors, referenced flows first.
+
+    Raises :class:`UnsupportedFlow` (one line naming file, line and system) for a
+    flow no connector provides, unless ``skip_unsupported``.
+    """
+
+    def resolve(flow: Flow, end: Endpoint) -> SourceObject:
+        return resolve_endpoint(document, flow, end)
+
+    mappings: dict[str, FlowMapping] = {}
+    skipped: list[SkippedFlow] = []
+    for flow in document.flows:
+        try:
+            mappings[flow.name] = build_flow_mapping(document, flow, resolve)
+        except UnsupportedFlow as exc:
+            if not skip_unsupported:
+                raise
+            skipped.append(SkippedFlow(flow.name, flow.title, str(exc)))
+    ordered: list[FlowMapping] = []
+
+    def visit(m: FlowMapping) -> None:
+        if m in ordered:
+            return
+        for ref in m.references:
+            visit(mappings[ref])
+        ordered.append(m)
+
+    for m in mappings.values():
+        visit(m)
+    return FlowSet(ordered, skipped)
+
+
+def flow_mappings(document: DataflowDocument) -> list[FlowMapping]:
+    """The document's flows, referenced flows first (every flow must have connectors)."""
+    return flow_set(document).mappings
+
+
+def snapshot_of(store: SnapshotStore, mapping: FlowMapping, side: str) -> pl.DataFrame:
+    """One side's snapshot (empty, with its fields, before the first read)."""
+    obj = mapping.side(side)
+    frame = store.read(obj.system_key, obj.obj)
+    return frame if frame is not None else pl.DataFrame(schema=schema(obj.fields))
+
+
+def reference_links(state: SyncState, mapping: FlowMapping) -> dict[str, pl.DataFrame]:
+    """Per referenced flow, the ``a_id, b_id`` pairs references translate through.
+
+    Tombstoned links count too: a tombstoned link still says which record stood for
+    which, so a contact of a deleted product keeps its reference on both sides and
+    the rest of it keeps syncing (with live links only it would wait forever).
+    """
+    return {ref: state.links(ref, {}).select("a_id", "b_id") for ref in mapping.references}
+
+
+def map_flow(
+    mapping: FlowMapping,
+    store: SnapshotStore,
+    refs: dict[str, pl.DataFrame],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Both sides of a flow as canonical frames (references translated through ``refs``)."""
+    a = map_side(snapshot_of(store, mapping, "a"), mapping, "a", refs)
+    b = map_side(snapshot_of(store, mapping, "b"), mapping, "b", refs)
+    return a, b
+
+
+def gone_references(state: SyncState, mapping: FlowMapping) -> dict[str, pl.Series]:
+    """Per reference column, the canonical values whose record was deleted (tombstoned)."""
+    return {
+        c.name: state.links(c.reference, {}).filter(pl.col("tombstoned")).get_column("a_id")
+        for c in mapping.columns
+        if c.reference
+    }
+
+
+class StateRefused(RuntimeError):
+    """The state looks lost: syncing would create records a second time (one line)."""
+
+
+def plan_flow(
+    mapping: FlowMapping,
+    a: pl.DataFrame,
+    b: pl.DataFrame,
+    state: SyncState,
+    options: ReconcileOptions | None = None,
+    earlier_runs: str | None = None,
+) -> Plan:
+    """The plan of one flow from its mapped frames and the state database.
+
+    A flow with no link and no completed sync in this state, while ``earlier_runs``
+    (what the caller knows: a data directory or Dagster instance that saw syncs of
+    the flow) or the CRMs themselves (records to create whose copy is on the other
+    side) show it was synced before, is refused: :class:`StateRefused`, or a blocked
+    plan for a read-only one.
+    """
+    options = options or ReconcileOptions()
+    if options.mode == "limited" and options.enabled_at is None:
+        options = replace(options, enabled_at=state.enabled_at(mapping.name))
+    offsets = (state.clock_offset(mapping.a.system_key), state.clock_offset(mapping.b.system_key))
+    options = replace(options, clock_offsets=offsets)
+    links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
+    pending = state.pending_creates(mapping.name)
+    gone = {
+        c.name: state.links(c.reference, {}).filter(pl.col("tombstoned")).get_column("a_id")
+        for c in mapping.columns
+        if c.reference
+    }
+    plan = reconcile_flow(mapping, a, b, links, options, pending, gone)
+    if links.height or options.rebuild_links or state.synced(mapping.name):
+        return plan
+    reasons = [earlier_runs] if earlier_runs else []
+    if plan.copies.height:
+        reasons.append(
+            f"{plan.copies.height} record(s) it would create already have a copy with the "
+            "same values on the other side"
+        )
+    if reasons:
+        message = (
+            f"flow {mapping.name}: the state database has no links for this flow, but "
+            f"{' and '.join(reasons)}; a sync now would create them twice. Point "
+            "CRM_SYNC_STATE_URL / CRM_SYNC_DATA_DIR at the earlier runs' state, or run "
+            "`crm-assets sync --rebuild-links` (it relinks from the CRMs and creates nothing)"
+        )
+        if not plan.read_only:
+            raise StateRefused(message)
+        plan.blocked = message
+    return plan
+
+
+def named_counts(plan: Plan, mapping: FlowMapping) -> dict[str, int]:
+    """The plan's counts as an operator reads them: per CRM by name, never by side letter
+    (``creates_in_crm_office``, ``updates_in_custom_crm``)."""
+    out = {}
+    for key, value in plan.counts.items():
+        head, _, side = key.rpartition("_")
+        if side in ("a", "b") and head:
+            key = f"{head}_in_{mapping.side(side).system_key}"
+        out[key] = int(value)
+    return out

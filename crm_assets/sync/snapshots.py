@@ -1,0 +1,102 @@
+"""Snapshots: read what changed in one CRM object since the stored cursor, and store it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from crm_assets.connector import CrmClient
+from crm_assets.engine.objects import SourceObject
+from crm_assets.engine.snapshot import (
+    SnapshotChange,
+    SnapshotStore,
+    future_dated,
+    merge_snapshot,
+    newest,
+    records_to_frame,
+    since_with_overlap,
+)
+from crm_assets.engine.state import CLOCK_RESOLUTION_SECONDS, SyncState, significant
+
+#: How far back an incremental read reaches before the cursor (late commits, clock skew).
+OVERLAP = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class SnapshotRun:
+    """What one snapshot run read and stored."""
+
+    change: SnapshotChange
+    since: datetime | None
+    pages: int
+    cursor: datetime | None
+    #: records dated after the CRM's now: read again on each run until their time comes
+    future_dated: int = 0
+    #: the CRM's clock minus ours, as its ``Date`` headers said during this read
+    measured_offset: float | None = None
+
+
+def take_snapshot(
+    client: CrmClient,
+    source: SourceObject,
+    store: SnapshotStore,
+    full_rescan: bool = False,
+    overlap: timedelta = OVERLAP,
+) -> SnapshotRun:
+    """Read what changed since the stored snapshot's cursor and store the merged snapshot.
+
+    Everything is read before anything is written: a failed read leaves the last
+    good snapshot, and with it the cursor, as they were. The cursor never passes the
+    CRM's own now, measured first with a one-record read (our clock plus the offset
+    the CRM's ``Date`` header shows): a record dated in the future is read again,
+    idempotently, until its time has come.
+    """
+    previous = store.read(source.system_key, source.obj)
+    if previous is not None and not full_rescan:
+        next(iter(client.pages(source.obj, None, 1)), None)  # one small read: the CRM's now
+    crm_now = _crm_now(client)
+    since = (
+        None
+        if full_rescan
+        else since_with_overlap(newest(previous, source.modified_field, crm_now), overlap)
+    )
+    records: list[dict[str, Any]] = []
+    pages = 0
+    for page in client.pages(source.obj, since):
+        records.extend(page)
+        pages += 1
+    fetched = records_to_frame(records, source.fields, source.deleted_field)
+    change = merge_snapshot(previous, fetched, source.id_field, source.modified_field, full_rescan)
+    store.write(source.system_key, source.obj, change.frame)
+    crm_now = _crm_now(client)
+    return SnapshotRun(
+        change,
+        since,
+        pages,
+        newest(change.frame, source.modified_field, crm_now),
+        future_dated(change.frame, source.modified_field, crm_now + overlap),
+        client.clock_offset(),
+    )
+
+
+def _crm_now(client: CrmClient) -> datetime:
+    """The CRM's now: our clock plus its offset (whole seconds of noise read as none),
+    plus the ``Date`` header's resolution, so a record stamped just now is never ahead."""
+    offset = significant(client.clock_offset()) + CLOCK_RESOLUTION_SECONDS
+    return datetime.now(UTC) + timedelta(seconds=offset)
+
+
+def read_snapshot(
+    client: CrmClient,
+    source: SourceObject,
+    store: SnapshotStore,
+    state: SyncState,
+    full_rescan: bool = False,
+) -> SnapshotRun:
+    """:func:`take_snapshot`, with this read's measurement of the CRM's clock offset
+    recorded in the state (conflicts compare times corrected by its recent median)."""
+    run = take_snapshot(client, source, store, full_rescan=full_rescan)
+    if run.measured_offset is not None:
+        state.record_clock(source.system_key, run.measured_offset)
+    return run
