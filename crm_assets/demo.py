@@ -70,17 +70,14 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 #: the state database keeps one writer per flow whatever an instance says.
 DAGSTER_YAML = """\
 # written by `crm-assets demo` on every start
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
+concurrency:
+  runs:
     max_concurrent_runs: 4
     tag_concurrency_limits:
       - key: crm_sync/flow
         value:
           applyLimitPerUniqueValue: true
         limit: 1
-concurrency:
   pools:
     default_limit: 1
 telemetry:

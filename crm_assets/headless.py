@@ -226,7 +226,13 @@ def run_sync(
     if dry_run:
         print_preview(settings, outcome.run_id)
     failed = outcome.failed_checks()
-    print(f"checks: {len(outcome.checks) - len(failed)} of {len(outcome.checks)} pass")
+    qa = outcome.of("qa/qa_report")
+    if qa:  # the QA report's own numbers, so the two never disagree
+        print(
+            f"QA report (every flow of the document): {qa['checks'] - qa['failed']} of "
+            f"{qa['checks']} checks pass"
+        )
+    print(f"checks of this run: {len(outcome.checks) - len(failed)} of {len(outcome.checks)} pass")
     for name in failed:
         _passed, severity, metadata = outcome.checks[name]
         counts = {k: v for k, v in metadata.items() if isinstance(v, int)}

@@ -16,8 +16,8 @@ SENSOR_RETRY = RetryPolicy(attempts=2, initial=0.2, maximum=1.0, deadline=10)
 
 
 def sensor_interval() -> int:
-    """Seconds between sensor ticks (``CRM_SYNC_SENSOR_INTERVAL``, default 15)."""
-    return int(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 15)
+    """Seconds between sensor ticks (``CRM_SYNC_SENSOR_INTERVAL``, default 5: the edit-to-visible latency is mostly this wait)."""
+    return int(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 5)
 
 
 def build_change_sensor(

@@ -52,6 +52,11 @@ def build_snapshot_asset(source: SourceObject) -> dg.AssetsDefinition:
             run = read_snapshot(client, source, store, state, config.full_rescan)
         offset = state.clock_offset(source.system_key)
         change = run.change
+        context.log.info(
+            f"{source.system} {source.obj}: {run.pages} page(s) read since "
+            f"{run.since.isoformat() if run.since else 'the beginning'}: {change.fetched} "
+            f"record(s), {change.new} new, {change.changed} changed, {change.deleted} deleted"
+        )
         return dg.MaterializeResult(
             check_results=[
                 dg.AssetCheckResult(

@@ -191,6 +191,9 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
         refs = reference_links(state, mapping)
         a, b = map_flow(mapping, store, refs)
         storage.flow_files(mapping.name, context.run.run_id).save_mapped(a, b)
+        context.log.info(
+            f"mapped {a.height} {mapping.a.system} and {b.height} {mapping.b.system} records"
+        )
         for side, frame in ((mapping.a.system_key, a), (mapping.b.system_key, b)):
             meta[f"{side}_records"] = frame.filter(~pl.col("deleted")).height
             meta[f"{side}_conversion_errors"] = frame.filter(pl.col("error").is_not_null()).height
@@ -227,6 +230,11 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
         except StateRefused as exc:
             raise dg.Failure(description=str(exc)) from None
         files.save_plan(plan)
+        context.log.info(
+            "plan: "
+            + ", ".join(f"{k}={v}" for k, v in named_counts(plan, mapping).items() if v)
+            + (f"; blocked: {plan.blocked}" if plan.blocked else "")
+        )
         return dg.MaterializeResult(
             metadata={
                 **named_counts(plan, mapping),
@@ -282,6 +290,7 @@ def _writes_asset(
                 side,
                 context.run.run_id,
                 reference_links(state, mapping),
+                progress=context.log.info,
             )
             result, confirmed = writer.run(confirmed_other)
         if first:

@@ -371,11 +371,12 @@ class SyncState:
 
     def tombstone(self, flow: str, pairs: Iterable[tuple[str, str]], run_id: str) -> int:
         pairs = list(pairs)
+        a_ids = [a for a, _b in pairs]
         with self.engine.begin() as conn:
-            for a_id, _b_id in pairs:
+            for start in range(0, len(a_ids), 5000):  # one statement per chunk, not per link
                 conn.execute(
                     links.update()
-                    .where(links.c.flow == flow, links.c.a_id == a_id)
+                    .where(links.c.flow == flow, links.c.a_id.in_(a_ids[start : start + 5000]))
                     .values(tombstoned=True, updated_at=now())
                 )
             self._audit(
@@ -495,34 +496,34 @@ class SyncState:
         if not failures:
             return
         at = now()
+        rows = {  # one row per key (the last message wins), as one bulk upsert
+            (side, record_id, action): {
+                "flow": flow,
+                "side": side,
+                "record_id": record_id,
+                "action": action,
+                "attempts": 1,
+                "message": message[:4000],
+                "first_at": at,
+                "last_at": at,
+            }
+            for side, record_id, action, message in failures
+        }
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         with self.engine.begin() as conn:
-            for side, record_id, action, message in failures:
-                key = (
-                    (dead_letters.c.flow == flow)
-                    & (dead_letters.c.side == side)
-                    & (dead_letters.c.record_id == record_id)
-                    & (dead_letters.c.action == action)
-                )
-                updated = conn.execute(
-                    dead_letters.update()
-                    .where(key)
-                    .values(
-                        attempts=dead_letters.c.attempts + 1, message=message[:4000], last_at=at
+            values = list(rows.values())
+            for start in range(0, len(values), 2000):  # 8 columns: within SQLite's 32k params
+                stmt = dialect.insert(dead_letters).values(values[start : start + 2000])
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["flow", "side", "record_id", "action"],
+                        set_={
+                            "attempts": dead_letters.c.attempts + 1,
+                            "message": stmt.excluded.message,
+                            "last_at": stmt.excluded.last_at,
+                        },
                     )
                 )
-                if not updated.rowcount:
-                    conn.execute(
-                        dead_letters.insert().values(
-                            flow=flow,
-                            side=side,
-                            record_id=record_id,
-                            action=action,
-                            attempts=1,
-                            message=message[:4000],
-                            first_at=at,
-                            last_at=at,
-                        )
-                    )
 
     def replace_dead_letters(
         self, flow: str, side: str, action: str, failures: Sequence[tuple[str, str]]

@@ -13,8 +13,9 @@ pairs that needed writes on both sides.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,9 @@ from crm_assets.engine.snapshot import SnapshotStore, flatten, records_to_frame
 from crm_assets.engine.state import SyncState
 from crm_assets.http import CrmError, CrmNotFound, CrmUnavailable, CrmValidationError
 from crm_assets.sync.planning import WRITE_ORDER
+
+#: Records written per step of progress (a log line after each step).
+PROGRESS_STEP = 1000
 
 
 @dataclass
@@ -70,9 +74,11 @@ class FlowWriter:
         side: str,
         run_id: str,
         refs: Mapping[str, pl.DataFrame],
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.mapping, self.plan, self.state, self.store = mapping, plan, state, store
         self.client, self.side, self.run_id, self.refs = client, side, run_id, refs
+        self.progress = progress
         self.obj = mapping.side(side)
         self.first = side == WRITE_ORDER[0]
         self.result = WriteResult(side=side)
@@ -269,7 +275,7 @@ class FlowWriter:
             for r in jobs
         ]
         audit: list[dict[str, Any]] = []
-        outcomes = self.client.update_records(self.obj.obj, updates) if updates else []
+        outcomes = self._in_steps("updated", updates, self.client.update_records)
         for row, outcome in zip(jobs, outcomes, strict=True):
             if outcome.status == "conflict":
                 outcome = self._after_412(row)
@@ -286,6 +292,24 @@ class FlowWriter:
             self.mapping.name, self.side, [r[self._id] for r in jobs if r["a_id"] in confirmed]
         )
         return confirmed
+
+    def _in_steps(self, verb: str, items: Sequence[Any], call: Callable[..., Any]) -> list[Outcome]:
+        """``call`` over the items in steps of :data:`PROGRESS_STEP`, saying how far it got
+        (count, rate, time left) after each step that took a while."""
+        outcomes: list[Outcome] = []
+        started = last = time.monotonic()
+        for start in range(0, len(items), PROGRESS_STEP):
+            outcomes += call(self.obj.obj, items[start : start + PROGRESS_STEP])
+            now = time.monotonic()
+            if self.progress and (len(items) > PROGRESS_STEP or now - last >= 5):
+                done, last = len(outcomes), now
+                rate = done / max(now - started, 1e-9)
+                left = (len(items) - done) / rate
+                self.progress(
+                    f"{self.obj.system} {self.obj.obj}: {done} of {len(items)} {verb} "
+                    f"({rate:.0f}/s, about {left:.0f} s left)"
+                )
+        return outcomes
 
     def _own(self, outcome: Outcome) -> None:
         """Remember a confirmed write's version: the sensors will not take it for an edit."""
@@ -427,9 +451,10 @@ class FlowWriter:
             self.mapping.name, self.side, good.get_column("source_id").to_list()
         )
         rows = list(good.iter_rows(named=True))
-        outcomes = self.client.create_records(
-            self.obj.obj,
+        outcomes = self._in_steps(
+            "created",
             [Create(keys[r["source_id"]], {f: r[f] for f in self.fields}) for r in rows],
+            self.client.create_records,
         )
         done: list[tuple[str, str, str, dict[str, Any]]] = []
         for row, outcome in zip(rows, outcomes, strict=True):
