@@ -18,14 +18,11 @@ from crm_assets.defs.quality import (
 from crm_assets.defs.records import build_record_assets
 from crm_assets.defs.resources import build_resources
 from crm_assets.defs.snapshots import build_snapshot_assets
-from crm_assets.defs.sync_assets import build_sync_assets
+from crm_assets.defs.sync_assets import FLOW_TAG, build_sync_assets
 from crm_assets.engine.document import read_document
 from crm_assets.engine.lease import release_held
 from crm_assets.settings import DEFAULTS, Settings
 from crm_assets.sync import flow_set
-
-#: The run tag naming the flow a run syncs: instances limit it to one run per value.
-FLOW_TAG = "crm_sync/flow"
 
 
 @dg.failure_hook

@@ -7,6 +7,7 @@ import dagster as dg
 
 from crm_assets.changes import detect_changes, format_cursor, parse_cursor
 from crm_assets.connectors import with_fix
+from crm_assets.defs.sync_assets import FLOW_TAG
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.objects import SourceObject
 from crm_assets.http import CrmAuthError, CrmError, RetryPolicy
@@ -64,8 +65,16 @@ def build_change_sensor(
             return dg.SkipReason(f"no {system} record changed")
         objs = {(s.system_key, s.obj) for s in changed}
         flows = [
-            m for m in mappings if {(m.a.system_key, m.a.obj), (m.b.system_key, m.b.obj)} & objs
+            m
+            for m in mappings
+            if {(m.a.system_key, m.a.obj), (m.b.system_key, m.b.obj)} & objs
+            and not waiting_run(context.instance, m.name)
         ]
+        if not flows:
+            return dg.SensorResult(
+                skip_reason=f"{system} changed; a run of each affected flow is queued already",
+                cursor=cursor,
+            )
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
@@ -79,6 +88,14 @@ def build_change_sensor(
         )
 
     return changes
+
+
+def waiting_run(instance: dg.DagsterInstance, flow: str) -> bool:
+    """Whether a run of the flow is queued and not started yet: it will read this change
+    too, so another run (say, the other CRM's sensor's) would only repeat it."""
+    waiting = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=waiting, tags={FLOW_TAG: flow}))
+    return bool(runs)
 
 
 def snapshot_ops_config(full_rescan: bool, mappings: list[FlowMapping]) -> dict:

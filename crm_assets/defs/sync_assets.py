@@ -33,6 +33,8 @@ from crm_assets.sync.snapshots import read_snapshot
 
 #: The run tag saying what started a run (``crm-assets sync`` sets it).
 VIA_TAG = "crm_sync/via"
+#: The run tag naming the flow a run syncs: instances limit it to one run per value.
+FLOW_TAG = "crm_sync/flow"
 
 
 class ReconcileConfig(dg.Config):
