@@ -24,6 +24,10 @@ from crm_assets.engine.lease import release_held
 from crm_assets.settings import DEFAULTS, Settings
 from crm_assets.sync import flow_set
 
+#: A retried run (instance run retries) starts over: it re-reads and re-plans under the
+#: flow's lease, never writing an old plan.
+RETRY_ALL_STEPS = {"dagster/retry_strategy": "ALL_STEPS"}
+
 
 @dg.failure_hook
 def release_leases(context: dg.HookContext) -> None:
@@ -58,7 +62,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         dg.define_asset_job(
             f"sync_{m.name}",
             hooks={release_leases},
-            tags={FLOW_TAG: m.name},
+            tags={FLOW_TAG: m.name, **RETRY_ALL_STEPS},
             # the QA report too, so that a sensor-started run leaves it current
             selection=dg.AssetSelection.groups(m.name)
             | dg.AssetSelection.assets(m.a.asset_path, m.b.asset_path, QA_REPORT_KEY),
@@ -72,7 +76,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             selection=dg.AssetSelection.all(),
             description="Every flow.",
             hooks={release_leases},
-            tags={FLOW_TAG: "all"},
+            tags={FLOW_TAG: "all", **RETRY_ALL_STEPS},
         )
     )
     sensors, schedules = build_automation(mappings, {j.name: j for j in jobs})
