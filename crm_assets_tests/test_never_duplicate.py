@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 from conftest import SyncWorld
 
-from crm_assets.engine.mapping import canonical_key
+from crm_assets.engine.mapping import canonical_key, canonical_text
 from crm_assets.headless import execute_sync
 
 CLEAN = "Åse.Øyen@example.no"
@@ -43,6 +43,8 @@ def test_every_spelling_of_a_key_has_one_canonical_form():
     spellings = [CLEAN, *VARIANTS.values(), *UNSTORABLE.values(), "ÅSE.ØYEN@EXAMPLE.NO\t"]
     frame = pl.DataFrame({"key": spellings}).select(canonical_key(pl.col("key")).alias("key"))
     assert frame.get_column("key").unique().to_list() == ["åse.øyen@example.no"]
+    # the writer's per-record form agrees with the frames' form
+    assert {canonical_text(s) for s in spellings} == {"åse.øyen@example.no"}
     assert pl.select(canonical_key(pl.lit(" \u00a0\u200b "))).item() is None  # blank: no key
 
 

@@ -10,6 +10,7 @@ All of it is whole-frame polars expressions.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -161,6 +162,15 @@ def canonical_key(expr: pl.Expr) -> pl.Expr:
         .str.replace_all(_INVISIBLE, "")
     )
     return pl.when(text == "").then(None).otherwise(text)
+
+
+def canonical_text(value: object) -> str | None:
+    """One key value in canonical form, as :func:`canonical_key` makes it for whole columns."""
+    if value is None:
+        return None
+    text = unicodedata.normalize("NFC", str(value)).lower().replace("ß", "ss")
+    text = "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch) == "Cf"))
+    return text or None
 
 
 def convert(expr: pl.Expr, source: pl.DataType, target: pl.DataType) -> pl.Expr:

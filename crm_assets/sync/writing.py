@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from crm_assets.connector import Create, CrmClient, Outcome, Update
-from crm_assets.engine.mapping import FlowMapping, map_side, to_side
+from crm_assets.engine.mapping import FlowMapping, canonical_text, map_side, to_side
 from crm_assets.engine.reconcile import Plan, other, same_value
 from crm_assets.engine.snapshot import SnapshotStore, flatten, records_to_frame
 from crm_assets.engine.state import SyncState
@@ -427,6 +427,8 @@ class FlowWriter:
                         }
                     )
                 continue
+            if c in self.mapping.key_columns and same_key(fresh_vals[c], row.get(f"fin.{c}")):
+                continue  # one key spelled two ways: the record keeps its own spelling
             out[f] = row[f]
         needed = {f: v for f, v in out.items() if not _same(fresh.get(f), v)}
         return needed or None
@@ -496,6 +498,11 @@ def _audit_text(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def same_key(x: Any, y: Any) -> bool:
+    """Two merge-key values equal in canonical form (as :func:`canonical_key` compares)."""
+    return canonical_text(x) == canonical_text(y)
 
 
 def _same(x: Any, y: Any) -> bool:
