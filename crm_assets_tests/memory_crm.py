@@ -9,7 +9,17 @@ Custom CRM deletes softly and honours ``Idempotency-Key``, CRMOffice deletes
 hard (detaching a deleted company's contacts) and answers batches per item.
 Listing is ordered by (modification time, id); every write takes the next tick
 of a clock the two stores share, so modification times strictly increase and
-"newer" means the same on both sides.
+"newer" means the same on both sides. A store can run its clock off by an offset
+(:meth:`MemoryCrm.set_clock_offset`, a CRM whose clock is wrong): it stamps its
+writes with the shared clock plus the offset and its client's ``clock_offset()``
+says so, as a CRM's ``Date`` header would; :attr:`MemoryCrm.real_times` keeps the
+shared clock's moment of each record's last write (the truth "newer" is judged by).
+:func:`host_clock` makes the shared clock the sync host's clock too, so "the CRM's
+now" the sync computes (its own now plus the offset) is the store's.
+
+Stores are safe to share between threads (one lock per store, one for the clock):
+:meth:`MemoryCrm.client` hands out another client of the same store, with its own
+call counts, faults and hooks, as a second sync process would have.
 
 Bodies travel through ``json`` on the way in and out, as they would over HTTP.
 The stores subclass the real client classes (the sync checks for them) and
@@ -20,8 +30,10 @@ before or after their work is done, as a lost answer would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,13 +67,49 @@ class SimClock:
     ) -> None:
         self.now = start
         self.step = step
+        self.lock = threading.Lock()
+
+    def tick(self) -> datetime:
+        """The moment of the next write."""
+        with self.lock:
+            self.now += self.step
+            return self.now
 
     def next(self) -> str:
-        self.now += self.step
-        return self.now.strftime(STAMP)
+        return self.tick().strftime(STAMP)
 
     def advance(self, delta: timedelta) -> None:
         self.now += delta
+
+
+class _HostDatetime(datetime):
+    """``datetime`` whose ``now()`` is a :class:`SimClock`'s (see :func:`host_clock`)."""
+
+    clock: SimClock | None = None
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+        clock = _HostDatetime.clock
+        if clock is None:
+            return datetime.now(tz)
+        return clock.now if tz is None else clock.now.astimezone(tz)
+
+
+@contextlib.contextmanager
+def host_clock(clock: SimClock) -> Iterator[None]:
+    """The sync host's clock is ``clock`` while inside: where a snapshot read works out the
+    CRM's now (our now plus the CRM's measured offset, ``crm_assets.sync.snapshots``), so
+    a cursor is capped at the in-memory store's now, not at today's date (the stores'
+    clock starts in 2024: every record would look long past, and a store whose clock
+    went back would have its later writes skipped behind a cursor stamped ahead)."""
+    from crm_assets.sync import snapshots
+
+    previous = (snapshots.datetime, _HostDatetime.clock)
+    snapshots.datetime, _HostDatetime.clock = _HostDatetime, clock  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        snapshots.datetime, _HostDatetime.clock = previous  # type: ignore[misc]
 
 
 def _wire(value: Any) -> Any:
@@ -95,6 +143,11 @@ class MemoryCrm:
     def __init__(self, clock: SimClock) -> None:
         self.clock = clock
         self.records: dict[str, dict[str, dict[str, Any]]] = {o: {} for o in self.objects}
+        #: obj -> id -> the shared clock's moment of the record's last write (no offset)
+        self.real_times: dict[str, dict[str, datetime]] = {o: {} for o in self.objects}
+        #: the store's clock minus the shared one; None: never set (``clock_offset()`` None)
+        self.offset: timedelta | None = None
+        self.lock = threading.RLock()  # one per store, shared by its clients
         self.calls: Counter[str] = Counter()
         self.faults: list[Fault] = []
         self.log = WriteLog()
@@ -105,6 +158,34 @@ class MemoryCrm:
         self.before_write: Callable[[str, str, str | None], None] | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
+    def clock_offset(self) -> float | None:
+        """The store's clock minus the shared one, as a CRM's ``Date`` header shows it; None
+        until :meth:`set_clock_offset` (one clock: the stores' and the sync's agree)."""
+        offset = self._store().offset
+        return None if offset is None else offset.total_seconds()
+
+    def set_clock_offset(self, seconds: float) -> None:
+        """Run the store's clock ``seconds`` off the shared one from now on (its clients too)."""
+        self._store().offset = timedelta(seconds=seconds)
+
+    def _store(self) -> MemoryCrm:
+        """The client that owns the store's clock setting (itself, or the one it came from)."""
+        return getattr(self, "_origin", None) or self
+
+    def _stamp(self, obj: str, record_id: str) -> str:
+        """A write's modification time: the shared clock's next moment plus the offset."""
+        moment = self.clock.tick()
+        self.real_times[obj][record_id] = moment
+        return (moment + (self._store().offset or timedelta(0))).strftime(STAMP)
+
+    def client(self) -> MemoryCrm:
+        """Another client of the same store (records, counters, clock and lock shared),
+        with its own call counts, faults and hooks: what a second sync process holds."""
+        twin = copy.copy(self)
+        twin._origin = self._store()  # type: ignore[attr-defined]
+        twin.calls, twin.faults, twin.actor, twin.before_write = Counter(), [], "sync", None
+        return twin
+
     def close(self) -> None:
         return None
 
@@ -124,6 +205,16 @@ class MemoryCrm:
         work: Callable[[], Any],
         record_id: str | None = None,
         touched: Iterable[Any] = (),
+    ) -> Any:
+        with self.lock:
+            return self._locked_call(name, work, record_id, touched)
+
+    def _locked_call(
+        self,
+        name: str,
+        work: Callable[[], Any],
+        record_id: str | None,
+        touched: Iterable[Any],
     ) -> Any:
         self.calls[name] += 1
         method, _, obj = name.partition(" ")
@@ -165,16 +256,21 @@ class MemoryCrm:
         self, obj: str, since: datetime | None, include: Callable[[dict[str, Any]], bool]
     ) -> list[dict[str, Any]]:
         floor = since.astimezone(UTC).strftime(STAMP) if since is not None else None
-        rows = [
-            r
-            for r in self.records[obj].values()
-            if include(r) and (floor is None or r[self.modified_field] >= floor)
-        ]
-        return sorted(rows, key=lambda r: (r[self.modified_field], r[self.id_field]))
+        with self.lock:  # a copy, as the wire would hand it over
+            rows = [
+                r
+                for r in self.records[obj].values()
+                if include(r) and (floor is None or r[self.modified_field] >= floor)
+            ]
+            rows.sort(key=lambda r: (r[self.modified_field], r[self.id_field]))
+            return _wire(rows)
 
     # -- the test's view ---------------------------------------------------------------------
     def live(self, obj: str) -> dict[str, dict[str, Any]]:
-        return {k: copy.deepcopy(v) for k, v in self.records[obj].items() if not v.get("Deleted")}
+        with self.lock:
+            return {
+                k: copy.deepcopy(v) for k, v in self.records[obj].items() if not v.get("Deleted")
+            }
 
     def as_user(self) -> _Actor:
         """``with crm.as_user(): ...``: writes made as a person, not the sync."""
@@ -227,13 +323,14 @@ class MemoryCustomCrm(MemoryCrm, CustomCrmClient):
         self,
         obj: str,
         since: datetime | None = None,
+        size: int | None = None,
         include_deleted: bool = True,
-        limit: int = 500,
     ) -> Iterator[list[dict[str, Any]]]:
         self.calls[f"GET {obj}"] += 1
         rows = self._listing(obj, since, lambda r: include_deleted or not r["Deleted"])
+        limit = size or 500
         for start in range(0, max(len(rows), 1), limit):
-            yield _wire(rows[start : start + limit])
+            yield rows[start : start + limit]
 
     def get(self, obj: str, record_id: str) -> dict[str, Any]:
         def work() -> dict[str, Any]:
@@ -265,7 +362,7 @@ class MemoryCustomCrm(MemoryCrm, CustomCrmClient):
             self._check_refs(obj, values)
             self.counters[obj] += 1
             record_id = custom_server.custom_id(spec["prefix"], self.counters[obj])
-            now = self.clock.next()
+            now = self._stamp(obj, record_id)
             doc = {"Id": record_id, **{f: values.get(f) for f in spec["fields"]}}
             doc.update(Created=now, Modified=now, Version=1, Deleted=False)
             self.records[obj][record_id] = doc
@@ -289,7 +386,7 @@ class MemoryCustomCrm(MemoryCrm, CustomCrmClient):
             _check_version(version, row["Version"], "Version")
             self._check_refs(obj, values)
             row.update(values)
-            row.update(Modified=self.clock.next(), Version=row["Version"] + 1)
+            row.update(Modified=self._stamp(obj, record_id), Version=row["Version"] + 1)
             return row
 
         return self._call(f"PATCH {obj}", work, record_id)
@@ -300,7 +397,9 @@ class MemoryCustomCrm(MemoryCrm, CustomCrmClient):
             if row is None:
                 raise ApiError(404, "not_found", f"no {obj[:-1]} with Id {record_id!r}")
             if not row["Deleted"]:
-                row.update(Modified=self.clock.next(), Version=row["Version"] + 1, Deleted=True)
+                row.update(
+                    Modified=self._stamp(obj, record_id), Version=row["Version"] + 1, Deleted=True
+                )
 
         self._call(f"DELETE {obj}", work, record_id)
 
@@ -321,12 +420,13 @@ class MemoryCrmOffice(MemoryCrm, CrmOfficeClient):
         self.item_faults = 0
 
     def pages(
-        self, obj: str, since: datetime | None = None, take: int = 1000
+        self, obj: str, since: datetime | None = None, size: int | None = None
     ) -> Iterator[list[dict[str, Any]]]:
         self.calls[f"GET {obj}"] += 1
         rows = self._listing(obj, since, lambda _r: True)
+        take = size or 1000
         for start in range(0, max(len(rows), 1), take):
-            yield _wire(rows[start : start + take])
+            yield rows[start : start + take]
 
     def get(self, obj: str, record_id: str) -> dict[str, Any]:
         def work() -> dict[str, Any]:
@@ -349,7 +449,7 @@ class MemoryCrmOffice(MemoryCrm, CrmOfficeClient):
         self._check_refs(obj, values)
         self.counters[obj] += 1
         record_id = office_server.office_id(self.counters[obj])
-        now = self.clock.next()
+        now = self._stamp(obj, record_id)
         doc = {"id": record_id, **{f: values.get(f) for f in spec["model"].model_fields}}
         doc.update(createdAt=now, updatedAt=now, rowVersion=1)
         self.records[obj][record_id] = doc
@@ -369,7 +469,7 @@ class MemoryCrmOffice(MemoryCrm, CrmOfficeClient):
         doc = {"id": record_id, **{f: values.get(f) for f in spec["model"].model_fields}}
         doc.update(
             createdAt=row["createdAt"],
-            updatedAt=self.clock.next(),
+            updatedAt=self._stamp(obj, record_id),
             rowVersion=row["rowVersion"] + 1,
         )
         self.records[obj][record_id] = doc
@@ -391,12 +491,13 @@ class MemoryCrmOffice(MemoryCrm, CrmOfficeClient):
             if record_id not in self.records[obj]:
                 raise ApiError(404, "not_found", f"no {_noun(obj)} with id {record_id!r}")
             del self.records[obj][record_id]
+            self.real_times[obj].pop(record_id, None)
             if obj == "companies":  # its contacts lose the reference (a write)
-                for row in self.records["contacts"].values():
+                for contact_id, row in self.records["contacts"].items():
                     if (row.get("company") or {}).get("id") == record_id:
                         row.update(
                             company=None,
-                            updatedAt=self.clock.next(),
+                            updatedAt=self._stamp("contacts", contact_id),
                             rowVersion=row["rowVersion"] + 1,
                         )
 
