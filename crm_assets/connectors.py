@@ -11,9 +11,10 @@ from crm_assets.crm_office.connector import CONNECTOR as CRM_OFFICE
 from crm_assets.custom_crm.connector import CONNECTOR as CUSTOM_CRM
 from crm_assets.engine.document import DataflowDocument, Endpoint, Flow
 from crm_assets.engine.objects import SourceObject
+from crm_assets.hubspot.connector import CONNECTOR as HUBSPOT
 
 #: Every CRM the project can sync, one line each.
-CONNECTORS: tuple[Connector, ...] = (CUSTOM_CRM, CRM_OFFICE)
+CONNECTORS: tuple[Connector, ...] = (CUSTOM_CRM, CRM_OFFICE, HUBSPOT)
 
 
 def available() -> str:

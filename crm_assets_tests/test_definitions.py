@@ -66,8 +66,8 @@ def test_a_document_naming_a_system_without_connector_fails_at_load_naming_it(tm
     with pytest.raises(UnsupportedFlow) as err:
         build_definitions(settings_for(SPECS / "hubspot-superoffice.rst", tmp_path))
     message = str(err.value)
-    assert "hubspot-superoffice.rst, line 12" in message and "'HubSpot'" in message
-    assert "available systems: Custom CRM, CRMOffice" in message and "\n" not in message
+    assert "hubspot-superoffice.rst, line 12" in message and "'SuperOffice'" in message
+    assert "available systems: Custom CRM, CRMOffice, HubSpot" in message and "\n" not in message
 
 
 def test_skipping_unsupported_flows_keeps_their_definitions_but_syncs_nothing(tmp_path):
