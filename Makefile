@@ -22,6 +22,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# the one-host deployment (docs/deploy.md) on this machine: DAGSTER_PG_URL names its database
+.PHONY: deploy-local
+deploy-local: install
+	$(BIN)/python deploy/local.py $(DEPLOY_LOCAL_ARGS)
+
 bench: install
 	$(BIN)/python -m benchmarks.bench
 
@@ -29,8 +34,8 @@ bench-smoke: install
 	$(BIN)/python -m benchmarks.bench --smoke
 
 lint: install
-	$(BIN)/ruff check crm_assets crm_assets_tests benchmarks
-	$(BIN)/ruff format --check crm_assets crm_assets_tests benchmarks
+	$(BIN)/ruff check crm_assets crm_assets_tests benchmarks deploy
+	$(BIN)/ruff format --check crm_assets crm_assets_tests benchmarks deploy
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --group dev --python-version 3.11 \

@@ -385,3 +385,42 @@ def run_parallel(calls: int, fn: Callable[[T], R], items: Iterable[T]) -> list[R
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(calls, len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+class BearerClient(HttpClient):
+    """A client whose CRM takes one secret as a Bearer token (an API key, a private app's
+    token): built from its connector's settings with :meth:`from_settings`."""
+
+    #: calls that may run at once (the connection pool is as large)
+    parallel_calls = 16
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_connections: int | None = None,
+        rate_limit: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        super().__init__(
+            base_url,
+            {"Authorization": f"Bearer {token}"},
+            timeout,
+            retry,
+            max_connections or self.parallel_calls,
+            rate_limit,
+            max_response_bytes=max_response_bytes,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Any:
+        """A client from its connector's ``ClientSettings`` (the secret is the token)."""
+        return cls(
+            settings.base_url,
+            settings.secret,
+            timeout=settings.timeout,
+            retry=settings.retry,
+            rate_limit=settings.rate_limit,
+        )

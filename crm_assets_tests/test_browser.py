@@ -4,7 +4,19 @@ Starts ``crm-assets demo`` (both embedded CRMs, seeded, and the Dagster UI) on f
 ports, waits until the change sensors' first runs have verified the contact flow,
 then opens the asset graph and the checks of ``contact_to_contacts/verified`` in
 Debian's Chromium, driven by Playwright (never ``playwright install``: no browser
-download). Screenshots go to ``tmp_path``; with ``UPDATE_SCREENSHOTS=1`` also to
+download). Then the operator's view, each step through the CRMs' own APIs, the
+sensors and the UI:
+
+- a breaker trip: a bulk edit of most contacts' Title in Custom CRM; the sensor's run
+  fails before writing, its failure names the reason and ``force: true``;
+- forcing it from the job's launchpad (run config typed into the editor, Launch Run);
+- a dead letter: a product CRMOffice refuses (orgNr of 5 digits) shows on
+  ``product_to_companies/dead_letters``; fixed in Custom CRM, then
+  ``crm-assets dead-letters retry`` writes it;
+- a conflict: the same field edited in both CRMs before a sync shows on
+  ``contact_to_contacts/conflicts`` with both values and the winner.
+
+Screenshots go to ``tmp_path``; with ``UPDATE_SCREENSHOTS=1`` also to
 ``docs/screenshots/`` (the README shows them).
 
 Chromium missing: skipped on a developer's machine, failed in CI (``CI=true``),
@@ -15,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,11 +36,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from embedded_fixtures import free_port
+
+from crm_assets.connectors import CONNECTORS
+from crm_assets.settings import DEFAULTS
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -45,8 +64,9 @@ VERIFIED = [FLOW, "verified"]
 #: The flow's assets, as the asset graph labels them.
 FLOW_ASSETS = ["dataflow", "mapped", "reconciled", "writes_to_crm_office", "verified"]
 
-UI_TIMEOUT = 90.0
-RUN_TIMEOUT = 120.0
+#: Generous: on a loaded 2-core machine the CRMs start one after the other, then the UI.
+UI_TIMEOUT = 240.0
+RUN_TIMEOUT = 240.0
 #: Launch ``sync_all`` ourselves if the sensors have not verified the flow by then.
 SENSOR_GRACE = 45.0
 #: No run queued or running for this long (more than a sensor interval): the demo settled.
@@ -86,6 +106,99 @@ mutation Launch($params: ExecutionParams!) {
 }
 """
 
+# -- the operator's view ------------------------------------------------------------------------
+REPOSITORY = {"repositoryLocationName": "crm_assets", "repositoryName": "__repository__"}
+SENSORS = ("custom_crm_changes", "crm_office_changes")
+#: Taller pages for the operator's screenshots (run log, launchpad, record tables).
+OPERATOR_VIEWPORT = {"width": 1920, "height": 1080}
+#: From an edit to its run finished: a sensor tick, the queue, a run process starting
+#: (10-20 s on a loaded 2-core machine) and the run itself.
+OPERATOR_RUN_TIMEOUT = 300.0
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
+WRITES_STEP = f"{FLOW}__writes_to_crm_office"
+#: The run config the breaker's message asks for, as typed into the launchpad.
+FORCE_CONFIG = f"ops:\n  {FLOW}__reconciled:\n    config:\n      force: true\n"
+#: The Title a bulk edit gives most contacts (more than half: the breaker trips).
+BULK_TITLE = "Account Manager (bulk edit)"
+DEAD_FLOW = "product_to_companies"
+#: A product CRMOffice refuses as a company: orgNr must be exactly 9 digits.
+DEAD_PRODUCT = {"Name": "Fjordlys Dead Letter AS", "ProductNumber": 12345}
+FIXED_PRODUCT_NUMBER = 123456789
+REFUSAL = "orgNr: must be exactly 9 digits"
+CUSTOM_TITLE = "Head of Sales (edited in Custom CRM)"
+OFFICE_TITLE = "Sales Director (edited in CRMOffice)"
+#: Between the two edits of a conflict: the later one (CRMOffice's) is newer by this much.
+CONFLICT_GAP = 3.0
+
+RUNS_OF_JOB = """
+query RunsOfJob($filter: RunsFilter!) {
+  runsOrError(filter: $filter) {
+    __typename
+    ... on Runs { results { runId status creationTime tags { key value } } }
+  }
+}
+"""
+
+RUN_EVENTS = """
+query RunEvents($runId: ID!, $after: String) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run {
+      status
+      runConfigYaml
+      eventConnection(afterCursor: $after) {
+        cursor
+        hasMore
+        events {
+          __typename
+          ... on ExecutionStepFailureEvent { stepKey error { message } }
+          ... on RunFailureEvent { message }
+        }
+      }
+    }
+  }
+}
+"""
+
+SENSOR = """
+query Sensor($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) {
+    __typename
+    ... on Sensor { id sensorState { status ticks(limit: 1) { status } } }
+  }
+}
+"""
+
+STOP_SENSOR = """
+mutation StopSensor($id: String) {
+  stopSensor(id: $id) { __typename ... on PythonError { message } }
+}
+"""
+
+START_SENSOR = """
+mutation StartSensor($selector: SensorSelector!) {
+  startSensor(sensorSelector: $selector) { __typename ... on PythonError { message } }
+}
+"""
+
+LATEST_RECORDS = """
+query LatestRecords($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    __typename
+    ... on Asset {
+      assetMaterializations(limit: 1) {
+        runId
+        metadataEntries {
+          label
+          ... on MarkdownMetadataEntry { mdStr }
+          ... on IntMetadataEntry { intValue }
+        }
+      }
+    }
+  }
+}
+"""
+
 
 def require_chromium() -> None:
     if CHROMIUM.exists():
@@ -101,6 +214,12 @@ class Demo:
     process: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    #: the demo's environment: base URLs, data directory, Dagster home (the CLI's too)
+    env: dict[str, str]
+
+    def setting(self, name: str) -> str:
+        """A configuration variable as the demo sees it (unset: its demo default)."""
+        return self.env.get(name) or DEFAULTS[name]
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -108,7 +227,7 @@ class Demo:
 
     def graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         response = httpx.post(
-            f"{self.url}/graphql", json={"query": query, "variables": variables}, timeout=30
+            f"{self.url}/graphql", json={"query": query, "variables": variables}, timeout=60
         )
         response.raise_for_status()
         body = response.json()
@@ -131,10 +250,17 @@ def demo_command() -> list[str]:
 def demo(tmp_path: Path) -> Iterator[Demo]:
     """``crm-assets demo --seed 60`` on free ports, its data and Dagster home in tmp_path."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRM_", "CUSTOM_CRM_"))}
+    settings = {s.name for c in CONNECTORS for s in c.settings}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in settings and not k.startswith(("CRM_", "CUSTOM_CRM_"))
+    }
+    for connector in CONNECTORS:  # the demo serves every connector's CRM: each on a free port
+        base_url = connector.setting("base_url")
+        if base_url is not None:
+            env[base_url.name] = f"http://127.0.0.1:{free_port()}"
     env.update(
-        CUSTOM_CRM_BASE_URL=f"http://127.0.0.1:{free_port()}",
-        CRM_OFFICE_BASE_URL=f"http://127.0.0.1:{free_port()}",
         CRM_SYNC_DATA_DIR=str(tmp_path / "data"),
         DAGSTER_HOME=str(tmp_path / "dagster_home"),
         CRM_SYNC_SENSOR_INTERVAL="5",
@@ -151,7 +277,7 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
             start_new_session=True,
         )
     try:
-        yield Demo(process, f"http://127.0.0.1:{port}", log_path)
+        yield Demo(process, f"http://127.0.0.1:{port}", log_path, env)
     finally:
         # the demo stops its children (each in its own session) on SIGTERM
         process.send_signal(signal.SIGTERM)
@@ -182,17 +308,16 @@ def verified_materialized(demo: Demo) -> bool:
     return asset["__typename"] == "Asset" and bool(asset["assetMaterializations"])
 
 
-def launch_sync_all(demo: Demo) -> None:
-    params = {
-        "selector": {
-            "repositoryLocationName": "crm_assets",
-            "repositoryName": "__repository__",
-            "jobName": "sync_all",
-        },
-        "runConfigData": {},
-    }
+def launch_job(demo: Demo, job: str, run_config: dict[str, Any] | None = None) -> str:
+    """Launch a job through GraphQL; its run's id."""
+    params = {"selector": {**REPOSITORY, "jobName": job}, "runConfigData": run_config or {}}
     result = demo.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
+    return str(result["run"]["runId"])
+
+
+def launch_sync_all(demo: Demo) -> None:
+    launch_job(demo, "sync_all")
 
 
 def wait_for_verified(demo: Demo) -> None:
@@ -235,22 +360,413 @@ def keep_screenshot(path: Path) -> None:
         shutil.copyfile(path, SCREENSHOTS / path.name)
 
 
+@contextlib.contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Says how long a step took (``-s`` shows it): the test's timings on this machine."""
+    start = time.monotonic()
+    yield
+    print(f"\n{what}: {time.monotonic() - start:.0f} s", flush=True)
+
+
+def screenshot(page: Page, tmp_path: Path, name: str) -> None:
+    """The page as it is now, as ``name`` (kept in docs/screenshots/ when asked)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(1000)  # let the last rendering settle
+    expect(page.get_by_text("Join the Dagster community")).to_be_hidden()
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    keep_screenshot(path)
+
+
+# -- the operator's view: runs, sensors and record tables over GraphQL ---------------------------
+def runs_of(demo: Demo, job: str, since: float) -> list[dict[str, Any]]:
+    """The job's runs created after ``since`` (epoch seconds), newest first."""
+    data = demo.graphql(RUNS_OF_JOB, {"filter": {"pipelineName": job, "createdAfter": since}})
+    runs = data["runsOrError"]
+    assert runs["__typename"] == "Runs", runs
+    return sorted(runs["results"], key=lambda r: r["creationTime"], reverse=True)
+
+
+def wait_for_runs(demo: Demo, job: str, since: float) -> list[dict[str, Any]]:
+    """Until a run of ``job`` created after ``since`` exists (the sensors', or our own
+    launch after SENSOR_GRACE) and every such run has finished: those runs, newest first."""
+    start = time.monotonic()
+    launched = False
+    runs: list[dict[str, Any]] = []
+    while time.monotonic() - start < OPERATOR_RUN_TIMEOUT:
+        demo.check_alive()
+        with contextlib.suppress(httpx.HTTPError):
+            runs = runs_of(demo, job, since)
+            if runs and all(run["status"] in FINISHED for run in runs):
+                return runs
+            if not runs and not launched and time.monotonic() - start > SENSOR_GRACE:
+                launch_job(demo, job)
+                launched = True
+        time.sleep(1)
+    pytest.fail(
+        f"no finished run of {job} within {OPERATOR_RUN_TIMEOUT:.0f} s "
+        f"(runs: {[(r['runId'][:8], r['status']) for r in runs]}):\n{demo.log_tail()}"
+    )
+
+
+def wait_for_run(demo: Demo, run_id: str) -> str:
+    """Until the run has finished: its status."""
+    deadline = time.monotonic() + OPERATOR_RUN_TIMEOUT
+    status = "?"
+    while time.monotonic() < deadline:
+        demo.check_alive()
+        with contextlib.suppress(httpx.HTTPError):
+            data = demo.graphql(RUNS_OF_JOB, {"filter": {"runIds": [run_id]}})["runsOrError"]
+            status = data["results"][0]["status"] if data.get("results") else "not found"
+            if status in FINISHED:
+                return status
+        time.sleep(1)
+    pytest.fail(f"run {run_id} still {status} after {OPERATOR_RUN_TIMEOUT:.0f} s")
+
+
+def run_events(demo: Demo, run_id: str) -> tuple[str, str, list[tuple[str | None, str]]]:
+    """A run's status, its run config (YAML) and its failures: ``(step, message)`` of each
+    step failure (the step's error) and ``(None, message)`` of the run failure."""
+    failures: list[tuple[str | None, str]] = []
+    after = None
+    while True:
+        run = demo.graphql(RUN_EVENTS, {"runId": run_id, "after": after})["runOrError"]
+        assert run["__typename"] == "Run", run
+        connection = run["eventConnection"]
+        for event in connection["events"]:
+            if event["__typename"] == "ExecutionStepFailureEvent":
+                failures.append((event["stepKey"], event["error"]["message"]))
+            elif event["__typename"] == "RunFailureEvent":
+                failures.append((None, event["message"]))
+        if not connection["hasMore"]:
+            return run["status"], run["runConfigYaml"], failures
+        after = connection["cursor"]
+
+
+def sensor(demo: Demo, name: str) -> dict[str, Any]:
+    data = demo.graphql(SENSOR, {"selector": {**REPOSITORY, "sensorName": name}})
+    found = data["sensorOrError"]
+    assert found["__typename"] == "Sensor", found
+    return dict(found)
+
+
+@contextlib.contextmanager
+def sensors_paused(demo: Demo) -> Iterator[None]:
+    """Both change sensors stopped (as their toggle in the UI does), no tick under way and
+    no run queued or running: every edit made meanwhile reaches the same run, which the
+    sensors start once they are back on (their cursors are kept)."""
+    for name in SENSORS:
+        result = demo.graphql(STOP_SENSOR, {"id": sensor(demo, name)["id"]})["stopSensor"]
+        assert result["__typename"] == "StopSensorMutationResult", result
+    started: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            demo.check_alive()
+            # ticks first: a finished tick's runs are queued already, so the runs see them
+            ticking = [
+                name
+                for name in SENSORS
+                if any(t["status"] == "STARTED" for t in sensor(demo, name)["sensorState"]["ticks"])
+            ]
+            active = demo.graphql(ACTIVE_RUNS, {})["runsOrError"]
+            if not ticking and active["__typename"] == "Runs" and not active["results"]:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"sensors stopped, but still ticking {ticking} or running {active}")
+            time.sleep(1)
+        yield
+    finally:
+        for name in SENSORS:
+            selector = {**REPOSITORY, "sensorName": name}
+            started.append(demo.graphql(START_SENSOR, {"selector": selector})["startSensor"])
+    assert all(s["__typename"] == "Sensor" for s in started), started
+
+
+def latest_records(demo: Demo, flow: str, name: str) -> tuple[str, list[dict[str, str]], int]:
+    """The latest materialization of ``<flow>/<name>``: its run, the rows of its Markdown
+    table (as the UI shows them) and its row count."""
+    data = demo.graphql(LATEST_RECORDS, {"key": {"path": [flow, name]}})["assetOrError"]
+    assert data["__typename"] == "Asset", data
+    assert data["assetMaterializations"], f"{flow}/{name} was never materialized"
+    latest = data["assetMaterializations"][0]
+    entries = {e["label"]: e for e in latest["metadataEntries"]}
+    rows = markdown_rows(entries["table"]["mdStr"])
+    return latest["runId"], rows, int(entries["dagster/row_count"]["intValue"])
+
+
+def markdown_rows(table: str) -> list[dict[str, str]]:
+    """The rows of a Markdown table (``_none_``: no rows), by column name."""
+    lines = [line.strip() for line in table.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        return []
+
+    def cells(line: str) -> list[str]:
+        return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+    header = cells(lines[0])
+    return [dict(zip(header, cells(line), strict=True)) for line in lines[2:]]
+
+
+# -- the operator's view: the CRMs over their own REST APIs ---------------------------------------
+@dataclass
+class Crms:
+    """The demo's two CRMs, as a user's script reaches them: Custom CRM by its API key,
+    CRMOffice by an OAuth2 client-credentials token."""
+
+    custom: httpx.Client
+    office: httpx.Client
+
+    def custom_all(self, obj: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+            body = ok(self.custom.get(f"/{obj}", params=params)).json()
+            items += body["items"]
+            cursor = body.get("nextCursor")
+            if not cursor:
+                return items
+
+    def office_all(self, obj: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        while True:
+            page = ok(self.office.get(f"/{obj}", params={"skip": len(items), "take": 1000}))
+            body = page.json()
+            items += body["items"]
+            if not body["items"] or len(items) >= body["totalCount"]:
+                return items
+
+
+def ok(response: httpx.Response) -> httpx.Response:
+    """The response, or a failure naming the request and the CRM's answer."""
+    if response.is_error:
+        pytest.fail(
+            f"{response.request.method} {response.request.url}: "
+            f"HTTP {response.status_code} {response.text[:500]}"
+        )
+    return response
+
+
+@contextlib.contextmanager
+def crm_clients(demo: Demo) -> Iterator[Crms]:
+    office_url = demo.setting("CRM_OFFICE_BASE_URL")
+    token = ok(
+        httpx.post(
+            f"{office_url}/connect/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": demo.setting("CRM_OFFICE_CLIENT_ID"),
+                "client_secret": demo.setting("CRM_OFFICE_CLIENT_SECRET"),
+                "scope": "crmoffice",
+            },
+            timeout=30,
+        )
+    ).json()["access_token"]
+    with (
+        httpx.Client(
+            base_url=f"{demo.setting('CUSTOM_CRM_BASE_URL')}/api",
+            headers={"Authorization": f"Bearer {demo.setting('CUSTOM_CRM_API_KEY')}"},
+            timeout=30,
+        ) as custom,
+        httpx.Client(
+            base_url=office_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as office,
+    ):
+        yield Crms(custom, office)
+
+
+# -- the operator's view: the steps ---------------------------------------------------------------
+def trip_the_breaker(demo: Demo, page: Page, crms: Crms, tmp_path: Path) -> int:
+    """A bulk edit of most contacts' Title in Custom CRM: the sensor's run fails before
+    writing, with the reason and the way out as its failure. Returns how many linked
+    CRMOffice contacts would have changed."""
+    from playwright.sync_api import expect
+
+    with sensors_paused(demo):  # the whole bulk edit reaches one run
+        since = time.time()
+        contacts = crms.custom_all("contacts")
+        for contact in contacts[: len(contacts) * 3 // 4 + 1]:  # well over half the links
+            ok(crms.custom.patch(f"/contacts/{contact['Id']}", json={"Title": BULK_TITLE}))
+    runs = wait_for_runs(demo, f"sync_{FLOW}", since)
+    reasons = []
+    for run in runs:  # each run since the edit stopped at the breaker
+        status, _config, failures = run_events(demo, run["runId"])
+        assert status == "FAILURE", (run, failures)
+        assert any(step is None for step, _m in failures), failures  # the run's failure
+        reasons += [message for step, message in failures if step == WRITES_STEP]
+    assert reasons, f"no failure of {WRITES_STEP} in {runs}"
+    for reason in reasons:
+        assert "circuit breaker" in reason and "force: true" in reason, reason
+    counted = re.search(r"circuit breaker: (\d+) of (\d+) linked records in CRMOffice", reasons[0])
+    assert counted, reasons[0]
+    touched, linked = int(counted[1]), int(counted[2])
+    assert touched > linked / 2, reasons[0]
+
+    # the run's log, filtered to the step that refused to write
+    page.goto(f"{demo.url}/runs/{runs[0]['runId']}?logs=step:{WRITES_STEP}")
+    expect(page.get_by_text("STEP_FAILURE", exact=True).first).to_be_visible()
+    expect(page.get_by_text(f"circuit breaker: {touched} of {linked}").first).to_be_visible()
+    expect(page.get_by_text("Failure", exact=True).first).to_be_visible()  # the run's status
+    screenshot(page, tmp_path, "breaker.png")
+    return touched
+
+
+def force_from_the_launchpad(
+    demo: Demo, page: Page, crms: Crms, tmp_path: Path, touched: int
+) -> None:
+    """The way out the breaker names: the job's launchpad, ``force: true`` on the
+    reconciled step typed into the config editor, Launch Run; the run writes."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{demo.url}/locations/crm_assets/jobs/sync_{FLOW}/playground")
+    editor = page.locator(".CodeMirror").first
+    # the launchpad scaffolds the job's default config first: replace all of it
+    expect(editor).to_contain_text(f"{FLOW}__reconciled")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(FORCE_CONFIG)  # as a paste: the editor does not re-indent it
+    expect(editor).to_contain_text("force: true")
+    typed = editor.evaluate("element => element.CodeMirror.getValue()")
+    assert typed.strip() == FORCE_CONFIG.strip(), typed
+    expect(page.get_by_text("No errors", exact=True)).to_be_visible()
+    launch = page.get_by_role("button", name="Launch Run")
+    expect(launch).to_be_enabled()  # the config validated
+    screenshot(page, tmp_path, "launchpad-force.png")
+
+    launch.click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
+    launched = re.search(r"/runs/([0-9a-f-]{36})", page.url)
+    assert launched, page.url
+    run_id = launched[1]
+    assert wait_for_run(demo, run_id) == "SUCCESS", run_events(demo, run_id)
+    _status, config, _failures = run_events(demo, run_id)
+    assert "force: true" in config, config
+    written = [c for c in crms.office_all("contacts") if c["title"] == BULK_TITLE]
+    assert len(written) >= touched, f"{len(written)} of {touched} bulk-edited titles written"
+
+
+def dead_letter_then_retry(demo: Demo, page: Page, crms: Crms, tmp_path: Path) -> None:
+    """A product CRMOffice refuses waits as a dead letter (the run stays a success) and
+    shows on ``dead_letters``; fixed in Custom CRM, ``crm-assets dead-letters retry``
+    writes it."""
+    from playwright.sync_api import expect
+
+    since = time.time()
+    product = ok(crms.custom.post("/products", json=DEAD_PRODUCT)).json()
+    product_id = product["Id"]
+    runs = wait_for_runs(demo, f"sync_{DEAD_FLOW}", since)  # the sensor's run
+    assert all(run["status"] == "SUCCESS" for run in runs), runs
+    tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
+    assert int(tags.get("crm_sync/dead_letters", "0")) >= 1, tags
+    run_id, rows, _count = latest_records(demo, DEAD_FLOW, "dead_letters")
+    assert run_id in {run["runId"] for run in runs}, (run_id, runs)
+    letters = [row for row in rows if row["record"] == product_id]
+    assert letters, rows
+    assert REFUSAL in letters[0]["reason"] and letters[0]["written to"] == "CRMOffice", letters
+
+    page.goto(f"{demo.url}/assets/{DEAD_FLOW}/dead_letters")
+    expect(page.get_by_text(REFUSAL).first).to_be_visible()
+    expect(page.get_by_text(letters[0]["id"]).first).to_be_visible()
+    screenshot(page, tmp_path, "dead-letters.png")
+
+    # the fix in its CRM, then the retry: sensors paused, so that the retry (not the
+    # sensor's next run) is what writes it
+    with sensors_paused(demo):
+        fixed = {"ProductNumber": FIXED_PRODUCT_NUMBER}
+        ok(crms.custom.patch(f"/products/{product_id}", json=fixed))
+        retry = subprocess.run(
+            [*demo_command(), "dead-letters", "retry", "--all", "--flow", DEAD_FLOW],
+            env=demo.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=OPERATOR_RUN_TIMEOUT,
+        )
+    output = f"exit {retry.returncode}\n{retry.stdout}\n{retry.stderr[-3000:]}"
+    print(f"\ncrm-assets dead-letters retry: {output.strip()}")
+    assert retry.returncode == 0, output
+    cleared = re.search(r"retried (\d+) dead letter\(s\): (\d+) cleared", retry.stdout)
+    assert cleared and cleared[1] == cleared[2] and int(cleared[1]) >= 1, output
+    companies = [c for c in crms.office_all("companies") if c["name"] == DEAD_PRODUCT["Name"]]
+    assert [c["orgNr"] for c in companies] == [str(FIXED_PRODUCT_NUMBER)], companies
+    # the retry ran the flow in the demo's Dagster instance: the table is empty again
+    _run_id, rows, count = latest_records(demo, DEAD_FLOW, "dead_letters")
+    assert count == 0 and rows == [], rows
+
+
+def conflict_on_both_sides(demo: Demo, page: Page, crms: Crms, tmp_path: Path) -> None:
+    """The same field of one linked contact edited in both CRMs before a sync: the newer
+    edit (CRMOffice's) wins, ``conflicts`` shows both values and the winner."""
+    from playwright.sync_api import expect
+
+    with sensors_paused(demo):  # both edits before the sync reads either
+        since = time.time()
+        office = crms.office_all("contacts")
+        custom = crms.custom_all("contacts")
+        emails = [c["email"] for c in office] + [c["Email"] for c in custom]
+        by_email = {c["email"]: c for c in office if c["email"] and emails.count(c["email"]) == 2}
+        # a contact linked by its e-mail (one on each side) and in agreement
+        pairs = [
+            (c, by_email[c["Email"]])
+            for c in custom
+            if c["Email"] in by_email and c["Title"] == by_email[c["Email"]]["title"]
+        ]
+        assert pairs, "no linked contact whose Title agrees in both CRMs"
+        contact, twin = pairs[0]
+        ok(crms.custom.patch(f"/contacts/{contact['Id']}", json={"Title": CUSTOM_TITLE}))
+        time.sleep(CONFLICT_GAP)
+        body = {k: v for k, v in twin.items() if k not in ("id", "createdAt", "updatedAt")}
+        body.pop("rowVersion")
+        ok(
+            crms.office.put(
+                f"/contacts/{twin['id']}",
+                json={**body, "title": OFFICE_TITLE},
+                headers={"If-Match": f'"{twin["rowVersion"]}"'},
+            )
+        )
+    runs = wait_for_runs(demo, f"sync_{FLOW}", since)
+    assert all(run["status"] == "SUCCESS" for run in runs), runs
+    _run_id, rows, _count = latest_records(demo, FLOW, "conflicts")
+    mine = [row for row in rows if row["Custom CRM id"] == contact["Id"]]
+    assert mine, rows
+    assert mine[0]["field"] == "Title -> title", mine
+    assert mine[0]["Custom CRM value"] == CUSTOM_TITLE, mine
+    assert mine[0]["CRMOffice value"] == OFFICE_TITLE, mine
+    assert mine[0]["winner"] == "CRMOffice", mine
+    # the winner's value in both CRMs
+    assert ok(crms.custom.get(f"/contacts/{contact['Id']}")).json()["Title"] == OFFICE_TITLE
+
+    page.goto(f"{demo.url}/assets/{FLOW}/conflicts")
+    expect(page.get_by_text(CUSTOM_TITLE).first).to_be_visible()
+    expect(page.get_by_text(OFFICE_TITLE).first).to_be_visible()
+    # the table, not the status above it
+    page.get_by_text("Metadata", exact=True).first.evaluate(
+        "element => element.scrollIntoView({block: 'start'})"
+    )
+    screenshot(page, tmp_path, "conflicts.png")
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_the_demo_shows_the_asset_graph_and_the_checks_in_a_browser(demo: Demo, tmp_path: Path):
+@pytest.mark.timeout(1500)
+def test_the_demo_shows_the_asset_graph_the_checks_and_the_operators_view_in_a_browser(
+    demo: Demo, tmp_path: Path
+):
     require_chromium()
     from playwright.sync_api import Locator, expect, sync_playwright
 
-    wait_for_ui(demo)
-    wait_for_verified(demo)
-    wait_until_quiet(demo)
+    with timed("demo up, first sync verified and settled"):
+        wait_for_ui(demo)
+        wait_for_verified(demo)
+        wait_until_quiet(demo)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(30_000)
-            expect.set_options(timeout=30_000)
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
 
             # Dagster's first-visit dialog ("Join the Dagster community") would cover the
             # page: mark it dismissed as its Skip button does, and click Skip should it show
@@ -291,5 +807,18 @@ def test_the_demo_shows_the_asset_graph_and_the_checks_in_a_browser(demo: Demo, 
             checks = tmp_path / "checks.png"
             page.screenshot(path=str(checks))
             keep_screenshot(checks)
+
+            # the operator's view: a breaker trip and its way out, a dead letter and its
+            # retry, a conflict (each step waits for the runs it causes)
+            page.set_viewport_size(OPERATOR_VIEWPORT)
+            with crm_clients(demo) as crms:
+                with timed("breaker trip"):
+                    touched = trip_the_breaker(demo, page, crms, tmp_path)
+                with timed("forced from the launchpad"):
+                    force_from_the_launchpad(demo, page, crms, tmp_path, touched)
+                with timed("dead letter, then retried"):
+                    dead_letter_then_retry(demo, page, crms, tmp_path)
+                with timed("conflict"):
+                    conflict_on_both_sides(demo, page, crms, tmp_path)
         finally:
             browser.close()

@@ -8,16 +8,14 @@ from typing import Any
 
 import httpx
 
-from crm_assets.connector import ClientSettings, Create, Outcome, Update
+from crm_assets.connector import Create, Outcome, Update
 from crm_assets.custom_crm.fields import SERVER_FIELDS, SYSTEM
 from crm_assets.http import (
-    DEFAULT_MAX_RESPONSE_BYTES,
+    BearerClient,
     CrmConflict,
     CrmError,
     CrmProtocolError,
     CrmUnavailable,
-    HttpClient,
-    RetryPolicy,
     check_response,
     json_body,
     rfc3339,
@@ -29,7 +27,7 @@ from crm_assets.http import (
 PARALLEL_CALLS = 16
 
 
-class CustomCrmClient(HttpClient):
+class CustomCrmClient(BearerClient):
     """One Custom CRM account: paging to the end, retries, typed errors.
 
     Creates carry an ``Idempotency-Key``, so they are retried like reads; the key
@@ -39,36 +37,7 @@ class CustomCrmClient(HttpClient):
 
     system = SYSTEM
 
-    @classmethod
-    def from_settings(cls, settings: ClientSettings) -> CustomCrmClient:
-        """A client from its connector's settings (API key or client id and secret)."""
-        return cls(
-            settings.base_url,
-            settings.secret,
-            timeout=settings.timeout,
-            retry=settings.retry,
-            rate_limit=settings.rate_limit,
-        )
-
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        max_connections: int = PARALLEL_CALLS,
-        rate_limit: float | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-    ) -> None:
-        super().__init__(
-            base_url,
-            {"Authorization": f"Bearer {api_key}"},
-            timeout,
-            retry,
-            max_connections,
-            rate_limit,
-            max_response_bytes=max_response_bytes,
-        )
+    parallel_calls = PARALLEL_CALLS
 
     def _request(
         self,

@@ -30,16 +30,14 @@ from typing import Any
 
 import httpx
 
-from crm_assets.connector import ClientSettings, Create, Outcome, Update
+from crm_assets.connector import Create, Outcome, Update
 from crm_assets.http import (
-    DEFAULT_MAX_RESPONSE_BYTES,
+    BearerClient,
     CrmError,
     CrmNotFound,
     CrmProtocolError,
     CrmUnavailable,
     CrmValidationError,
-    HttpClient,
-    RetryPolicy,
     check_response,
     json_body,
     run_parallel,
@@ -66,41 +64,12 @@ class CrmDuplicate(CrmValidationError):
         self.existing_id = existing_id
 
 
-class HubSpotClient(HttpClient):
+class HubSpotClient(BearerClient):
     """One HubSpot account (a private app's token): paging, search windows, batches."""
 
     system = SYSTEM
 
-    @classmethod
-    def from_settings(cls, settings: ClientSettings) -> HubSpotClient:
-        """A client from its connector's settings (the private app's access token)."""
-        return cls(
-            settings.base_url,
-            settings.secret,
-            timeout=settings.timeout,
-            retry=settings.retry,
-            rate_limit=settings.rate_limit,
-        )
-
-    def __init__(
-        self,
-        base_url: str,
-        access_token: str,
-        timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        max_connections: int = PARALLEL_CALLS,
-        rate_limit: float | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-    ) -> None:
-        super().__init__(
-            base_url,
-            {"Authorization": f"Bearer {access_token}"},
-            timeout,
-            retry,
-            max_connections,
-            rate_limit,
-            max_response_bytes=max_response_bytes,
-        )
+    parallel_calls = PARALLEL_CALLS
 
     # -- calls ------------------------------------------------------------------------------
     def _request(
