@@ -37,9 +37,10 @@ from crm_assets.http import CrmValidationError, RetryPolicy
 from crm_assets.hubspot import server
 from crm_assets.hubspot.client import HubSpotClient
 from crm_assets.hubspot.fields import FIELDS
+from crm_assets.settings import packaged_spec_path
 from crm_assets.sync import flow_mappings, take_snapshot, verify_flow
 
-SPEC = Path(__file__).parent.parent / "crm_assets" / "specs" / "hubspot-crmoffice.rst"
+SPEC = packaged_spec_path().with_name("hubspot-crmoffice.rst")
 FAST = RetryPolicy(attempts=3, initial=0.05, maximum=0.5, deadline=20)
 
 
@@ -60,8 +61,8 @@ class HubSpotService:
         env = dict(os.environ, HUBSPOT_ACCESS_TOKEN=self.token, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "crm_assets.cli", "serve", "hubspot", "--port"]
         cmd += [str(self.port), "--data", str(self.data_dir), *extra]
-        log = (self.data_dir / "hubspot.log").open("ab")
-        self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with (self.data_dir / "hubspot.log").open("ab") as log:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -560,20 +560,8 @@ class SyncState:
                 )
 
     def dead_letters(self, flow: str | None = None) -> pl.DataFrame:
-        query = sa.select(dead_letters)
-        if flow is not None:
-            query = query.where(dead_letters.c.flow == flow)
-        with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        schema = {
-            "flow": pl.String,
-            "side": pl.String,
-            "record_id": pl.String,
-            "action": pl.String,
-            "attempts": pl.Int64,
-            "message": pl.String,
-        }
-        return pl.DataFrame([{k: r[k] for k in schema} for r in rows], schema=schema)
+        """The open dead letters: flow, side, record id, action, attempts, message."""
+        return self.dead_letter_records(flow).drop("first_at", "last_at")
 
     def dead_letter_records(self, flow: str | None = None) -> pl.DataFrame:
         """Like :meth:`dead_letters`, with when each failure was first and last seen (UTC)."""
