@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,15 +23,13 @@ import test_sync
 from conftest import SyncWorld
 from hypothesis import HealthCheck, given, seed, settings
 from test_convergence import (  # noqa: F401  (figure_writer: the fixture behind out)
-    MemoryWorld,
     Stats,
     figure_writer,
     histories,
+    memory_world,
     out,
     run_history,
 )
-
-from crm_assets.engine.state import SyncState
 
 URL_VARIABLE = "CRM_SYNC_TEST_POSTGRES_URL"
 
@@ -103,15 +99,6 @@ def sync_world(
     return sync_world
 
 
-class PostgresMemoryWorld(MemoryWorld):
-    """The in-memory CRMs of test_convergence with the state in PostgreSQL."""
-
-    def __init__(self, root: Path, state_url: str) -> None:
-        super().__init__(root)
-        self.state.dispose()
-        self.state = SyncState(state_url)
-
-
 def test_random_histories_converge_with_the_state_in_postgres(databases: Databases) -> None:
     stats = Stats()
 
@@ -124,13 +111,9 @@ def test_random_histories_converge_with_the_state_in_postgres(databases: Databas
     )
     @given(histories())
     def check(history: list[tuple[Any, ...]]) -> None:
-        with tempfile.TemporaryDirectory(prefix="convergence-pg-") as tmp:
-            world = PostgresMemoryWorld(Path(tmp), databases.fresh())
-            try:
-                assert world.state.engine.dialect.name == "postgresql"
-                run_history(world, history, stats)
-            finally:
-                world.state.dispose()
+        with memory_world(state_url=databases.fresh()) as world:
+            assert world.state.engine.dialect.name == "postgresql"
+            run_history(world, history, stats)
 
     check()
     out("\n" + stats.line("convergence through the engine, state in PostgreSQL"))

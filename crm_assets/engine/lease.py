@@ -101,7 +101,9 @@ class FlowLease:
                 leases.update().where((leases.c.flow == self.flow) & free).values(**values)
             )
             if taken.rowcount == 1:
-                self.previous_release = row.released_at
+                # held when read but released before the update: it was released just now
+                still_held = row.released_at is None and row.run_id != self.run_id
+                self.previous_release = t if still_held else row.released_at
                 return None
             return LeaseInfo(row.run_id, row.holder, row.acquired_at, row.released_at)
 

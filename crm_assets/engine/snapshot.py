@@ -240,7 +240,11 @@ class SnapshotStore:
 
     def read(self, system: str, obj: str) -> pl.DataFrame | None:
         path = self.path(system, obj)
-        return pl.read_parquet(path) if path.exists() else None
+        if not path.exists():
+            return None
+        # one open file: a concurrent atomic replace swaps the name, never this file's pages
+        with path.open("rb") as f:
+            return pl.read_parquet(f)
 
     def write(self, system: str, obj: str, frame: pl.DataFrame) -> Path:
         path = self.path(system, obj)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,6 +54,7 @@ def take_snapshot(
     the CRM's ``Date`` header shows): a record dated in the future is read again,
     idempotently, until its time has come.
     """
+    read_started = time.time()
     previous = store.read(source.system_key, source.obj)
     if previous is not None and not full_rescan:
         next(iter(client.pages(source.obj, None, 1)), None)  # one small read: the CRM's now
@@ -68,7 +71,10 @@ def take_snapshot(
         pages += 1
     fetched = records_to_frame(records, source.fields, source.deleted_field)
     change = merge_snapshot(previous, fetched, source.id_field, source.modified_field, full_rescan)
-    store.write(source.system_key, source.obj, change.frame)
+    path = store.write(source.system_key, source.obj, change.frame)
+    # the file's time is when its read began: a writer that released the flow after that
+    # is newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
+    os.utime(path, (read_started, read_started))
     crm_now = _crm_now(client)
     return SnapshotRun(
         change,
