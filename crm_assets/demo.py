@@ -70,6 +70,11 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 #: the state database keeps one writer per flow whatever an instance says.
 DAGSTER_YAML = """\
 # written by `crm-assets demo` on every start
+run_coordinator:  # the queue is read every second (default 5): a queued sync starts sooner
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
 concurrency:
   runs:
     max_concurrent_runs: 4
@@ -139,9 +144,7 @@ def run_demo(seed: int, port: int) -> int:
             children.append(start_service(connector.slug, url, settings.data_dir, seed))
         ui = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "dagster",
+                str(Path(sys.executable).with_name("dg")),
                 "dev",
                 "-w",
                 str(workspace),
