@@ -760,6 +760,9 @@ def test_the_demo_shows_the_asset_graph_the_checks_and_the_operators_view_in_a_b
         wait_for_ui(demo)
         wait_for_verified(demo)
         wait_until_quiet(demo)
+    started = demo.log_path.read_text(errors="replace")
+    warned = [w for w in ("SupersessionWarning", "DeprecationWarning") if w in started]
+    assert not warned, f"the demo printed {warned} while starting:\n{demo.log_tail()}"
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
