@@ -164,11 +164,17 @@ def test_the_syncs_own_writes_start_no_run_but_a_users_edit_does(sync_world: Syn
     assert jobs_of(edited) == ["sync_contact_to_contacts"]
 
 
+@pytest.mark.parametrize(
+    "status",
+    [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING],
+    ids=["queued", "launched and starting"],
+)
 def test_the_first_sync_takes_one_run_per_flow_whichever_sensor_ticks_first(
-    sync_world: SyncWorld,
+    sync_world: SyncWorld, status: dg.DagsterRunStatus
 ):
     """Both CRMs hold records at the start: each sensor sees both flows changed. The runs the
-    first sensor queued read the other CRM too, so the second sensor starts none."""
+    first sensor started (queued, or launched and starting, no step begun) read the other
+    CRM too, so the second sensor starts none."""
     with sync_world.custom_client() as a, sync_world.office_client() as b:
         a.create("products", {"Name": "Start Co"})
         a.create("contacts", {"Email": "start@example.com"})
@@ -177,14 +183,12 @@ def test_the_first_sync_takes_one_run_per_flow_whichever_sensor_ticks_first(
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions(Settings.from_env())
     first, _ = tick("custom_crm_changes", custom_resource(sync_world), instance=instance)
-    for request in first.run_requests:  # submitted, not started yet
+    for request in first.run_requests:  # submitted, no step begun yet
         job = defs.resolve_job_def(request.job_name)
-        instance.create_run_for_job(
-            job, tags={**job.tags, **request.tags}, status=dg.DagsterRunStatus.NOT_STARTED
-        )
+        instance.create_run_for_job(job, tags={**job.tags, **request.tags}, status=status)
     second, _ = tick("crm_office_changes", office_resource(sync_world), instance=instance)
     runs = instance.get_runs()
     print(f"\nfirst ticks: {jobs_of(first)}, then {jobs_of(second)}: {len(runs)} runs")
     assert jobs_of(first) == ["sync_contact_to_contacts", "sync_product_to_companies"]
-    assert not second.run_requests and "queued already" in second.skip_message
+    assert not second.run_requests and "starting already" in second.skip_message
     assert second.cursor  # the second sensor moved on: it will not start them later either

@@ -74,7 +74,8 @@ def build_change_sensor(
         ]
         if not flows:
             return dg.SensorResult(
-                skip_reason=f"{system} changed; a run of each affected flow is queued already",
+                skip_reason=f"{system} changed; a run of each affected flow is queued or starting "
+                "already",
                 cursor=cursor,
             )
         return dg.SensorResult(
@@ -93,9 +94,13 @@ def build_change_sensor(
 
 
 def waiting_run(instance: dg.DagsterInstance, flow: str) -> bool:
-    """Whether a run of the flow is queued and not started yet: it will read this change
-    too, so another run (say, the other CRM's sensor's) would only repeat it."""
-    waiting = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+    """Whether a run of the flow is queued or still starting (no step begun): it will read
+    this change too, so another run (say, the other CRM's sensor's) would only repeat it."""
+    waiting = [
+        dg.DagsterRunStatus.QUEUED,
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+    ]
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=waiting, tags={FLOW_TAG: flow}))
     return bool(runs)
 
