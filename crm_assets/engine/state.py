@@ -2,8 +2,9 @@
 audit log, flow settings and cursors, through SQLAlchemy Core.
 
 SQLite by default, PostgreSQL by URL. Every write is one transaction. Base
-values are stored per link as JSON and decoded for a whole flow at once by
-polars, so loading a million links stays a single query and a vectorized decode.
+values are stored per link as JSON; a flow's links load without a Python object
+per row (SQLite aggregates them into a few texts, PostgreSQL answers in Arrow
+through ADBC) and their bases decode as one NDJSON document, in parallel.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,113 @@ def _json(value: Any) -> Any:
     return value
 
 
+#: A link as read: the base is its JSON text, "" when the link has none yet.
+LINK_SCHEMA: dict[str, pl.DataType] = {
+    "a_id": pl.String(),
+    "b_id": pl.String(),
+    "tombstoned": pl.Int8(),
+    "base": pl.String(),
+}
+
+
+def _link_query(flow: str, with_base: bool) -> sa.Select:
+    # without the values, only whether there is a base: "{}" stands for one
+    has = sa.case((links.c.base.is_(None), ""), else_="{}")
+    base = sa.func.coalesce(links.c.base, "") if with_base else has
+    tombstoned = sa.cast(links.c.tombstoned, sa.Integer)
+    return sa.select(links.c.a_id, links.c.b_id, tombstoned, base).where(links.c.flow == flow)
+
+
+def _arrow_connector(url: sa.URL) -> Callable[[], Any] | None:
+    """Opens an ADBC (Arrow) connection to a PostgreSQL state; None for other databases.
+
+    Not for SQLite: its ADBC driver links a second SQLite library into the process, and
+    two SQLite libraries on one file do not see each other's locks (sqlite.org, "How To
+    Corrupt"); tried, it failed with "disk I/O error". SQLite has :func:`_sqlite_links`."""
+    if url.get_backend_name() != "postgresql":
+        return None
+    import adbc_driver_postgresql.dbapi as postgresql_adbc
+
+    uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return lambda: postgresql_adbc.connect(uri)
+
+
+#: How a query is written for the ADBC PostgreSQL driver (numbered placeholders).
+ADBC_DIALECT = postgresql.dialect(paramstyle="numeric_dollar")
+
+#: Links per statement of :func:`_sqlite_links`: its texts stay far below SQLite's 1 GB.
+SQLITE_LINK_CHUNK = 500_000
+
+_SQLITE_LINKS = sa.text(
+    """
+    SELECT json_group_array(a_id), json_group_array(b_id), json_group_array(tombstoned),
+           json_group_array(has_base), group_concat(coalesce(base, '{}'), char(10)),
+           count(*), max(rowid)
+    FROM (SELECT rowid, a_id, b_id, tombstoned, base IS NOT NULL AS has_base,
+                 CASE WHEN :with_base THEN base END AS base
+          FROM links NOT INDEXED  -- the table in rowid order: one sequential pass
+          WHERE flow = :flow AND rowid > :after ORDER BY rowid LIMIT :chunk)
+    """
+)
+
+
+def _sqlite_links(
+    conn: sa.Connection, flow: str, with_base: bool
+) -> list[tuple[pl.DataFrame, str]]:
+    """A flow's links from SQLite as ``(keys, bases)`` chunks, each one statement whose
+    columns come back as a few long texts (JSON arrays; the bases as NDJSON lines), so no
+    row ever becomes a Python object: a million links load in about a second."""
+    chunks: list[tuple[pl.DataFrame, str]] = []
+    after = 0
+    while True:
+        params = {"flow": flow, "after": after, "chunk": SQLITE_LINK_CHUNK, "with_base": with_base}
+        row = conn.execute(_SQLITE_LINKS, params).one()
+        a_ids, b_ids, tombstoned, has_base, bases, count, after = row
+        keys = (
+            pl.DataFrame({"a_id": [a_ids], "b_id": [b_ids], "t": [tombstoned], "h": [has_base]})
+            .select(
+                pl.col("a_id", "b_id").str.json_decode(pl.List(pl.String)),
+                pl.col("t", "h").str.json_decode(pl.List(pl.Int64)),
+            )
+            .explode(pl.all())
+            .select(
+                "a_id",
+                "b_id",
+                tombstoned=pl.col("t").cast(pl.Boolean),
+                has_base=pl.col("h").cast(pl.Boolean),
+            )
+        )
+        if count:
+            chunks.append((keys, bases if with_base else ""))
+        if count < SQLITE_LINK_CHUNK:
+            return chunks
+
+
+def _split_bases(frame: pl.DataFrame) -> tuple[pl.DataFrame, str]:
+    """Links read as rows (``LINK_SCHEMA``) as ``(keys, bases as NDJSON lines)``."""
+    keys = frame.select(
+        "a_id", "b_id", pl.col("tombstoned").cast(pl.Boolean), has_base=pl.col("base") != ""
+    )
+    bases = frame.select(pl.col("base").replace("", "{}").str.join("\n")).item()
+    return keys, bases or ""
+
+
+def _decode_links(
+    chunks: Sequence[tuple[pl.DataFrame, str]], columns: Mapping[str, pl.DataType]
+) -> pl.DataFrame:
+    """Links with their base values: each chunk's bases are one NDJSON document (a line per
+    link, ``{}`` where it has none), which polars' JSON reader decodes in parallel."""
+    empty = {"a_id": pl.String, "b_id": pl.String, "tombstoned": pl.Boolean, "has_base": pl.Boolean}
+    empty |= {f"base.{name}": dtype for name, dtype in columns.items()}
+    frames = [pl.DataFrame(schema=empty)]
+    for keys, bases in chunks:
+        if columns:
+            values = pl.read_ndjson(bases.encode(), schema=dict(columns))
+            keys = keys.hstack(values.select(pl.all().name.prefix("base.")))
+        frames.append(keys)
+    return pl.concat(frames, how="vertical_relaxed")
+
+
 class SyncState:
     """The state of every flow, in one SQL database."""
 
@@ -190,6 +298,7 @@ class SyncState:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url)
+        self._arrow = _arrow_connector(self.engine.url)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.migrate()
@@ -224,11 +333,11 @@ class SyncState:
         if not rows:
             return
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        for start in range(0, len(rows), 5000):
-            chunk = rows[start : start + 5000]
-            stmt = dialect.insert(table).values(chunk)
-            update = {c: stmt.excluded[c] for c in chunk[0] if c not in keys}
-            conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
+        stmt = dialect.insert(table)
+        update = {c: stmt.excluded[c] for c in rows[0] if c not in keys}
+        # one statement, the rows as its parameter sets: the driver's executemany (SQLAlchemy
+        # batches them into multi-row statements where the driver is slow at that)
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update), rows)
 
     # -- flows ---------------------------------------------------------------------------
     def enabled_at(self, flow: str) -> datetime:
@@ -284,42 +393,30 @@ class SyncState:
     # -- links -----------------------------------------------------------------------------
     def links(self, flow: str, columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
         """Every link of a flow: ``a_id, b_id, tombstoned, has_base, base.<column>``."""
-        query = sa.select(links.c.a_id, links.c.b_id, links.c.tombstoned, links.c.base).where(
-            links.c.flow == flow
-        )
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return self._decode_links(rows, columns)
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                chunks = _sqlite_links(conn, flow, bool(columns))
+        else:
+            chunks = [_split_bases(self.frame(_link_query(flow, bool(columns)), LINK_SCHEMA))]
+        return _decode_links(chunks, columns)
 
-    @staticmethod
-    def _decode_links(rows: Sequence[Any], columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
-        frame = pl.DataFrame(
-            rows,
-            schema={
-                "a_id": pl.String,
-                "b_id": pl.String,
-                "tombstoned": pl.Boolean,
-                "base": pl.String,
-            },
-            orient="row",
-        )
-        struct = pl.Struct({name: dtype for name, dtype in columns.items()})
-        decoded = frame.with_columns(
-            pl.col("base").is_not_null().alias("has_base"),
-            pl.col("base").str.json_decode(struct).alias("__base")
-            if columns
-            else pl.lit(None).alias("__base"),
-        )
-        return decoded.select(
-            "a_id",
-            "b_id",
-            "tombstoned",
-            "has_base",
-            *[
-                pl.col("__base").struct.field(name).cast(dtype).alias(f"base.{name}")
-                for name, dtype in columns.items()
-            ],
-        )
+    def frame(self, query: sa.Select, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+        """The rows of ``query`` as a frame of ``schema``: from PostgreSQL as Arrow (its
+        ADBC driver), so a million rows never become Python objects; from SQLite (small
+        queries: its links have :func:`_sqlite_links`) through SQLAlchemy rows."""
+        if self._arrow is None:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            return pl.DataFrame(rows, schema=dict(schema), orient="row")
+        # values bound, never inlined: the driver's own placeholders ($1, $2, ...)
+        compiled = query.compile(dialect=ADBC_DIALECT, compile_kwargs={"render_postcompile": True})
+        params = [compiled.params[name] for name in compiled.positiontup or ()]
+        with self._arrow() as conn, conn.cursor() as cursor:
+            cursor.execute(str(compiled), params)
+            found = pl.DataFrame(cursor.fetch_arrow())
+        if found.width == 0:  # no rows: some drivers give no columns either
+            return pl.DataFrame(schema=dict(schema))
+        return found.rename(dict(zip(found.columns, schema, strict=True))).cast(dict(schema))
 
     def links_for(
         self,
@@ -329,24 +426,22 @@ class SyncState:
         b_ids: Iterable[str] = (),
     ) -> pl.DataFrame:
         """The links of a flow touching these ids (an incremental run's share of the state)."""
-        found: list[Any] = []
-        with self.engine.connect() as conn:
-            for column, ids in ((links.c.a_id, list(a_ids)), (links.c.b_id, list(b_ids))):
-                for start in range(0, len(ids), 5000):
-                    query = sa.select(
-                        links.c.a_id, links.c.b_id, links.c.tombstoned, links.c.base
-                    ).where(links.c.flow == flow, column.in_(ids[start : start + 5000]))
-                    found.extend(conn.execute(query).all())
-        return self._decode_links(found, columns).unique("a_id", keep="first", maintain_order=True)
+        query = _link_query(flow, bool(columns))
+        found = [
+            self.frame(query.where(column.in_(ids[start : start + 5000])), LINK_SCHEMA)
+            for column, ids in ((links.c.a_id, list(a_ids)), (links.c.b_id, list(b_ids)))
+            for start in range(0, len(ids), 5000)
+        ]
+        frame = pl.concat(found) if found else pl.DataFrame(schema=LINK_SCHEMA)
+        links_found = _decode_links([_split_bases(frame)], columns)
+        return links_found.unique("a_id", keep="first", maintain_order=True)
 
     def live_links(self, flow: str) -> pl.DataFrame:
         """``a_id, b_id`` of a flow's links that are not tombstoned (for references)."""
         query = sa.select(links.c.a_id, links.c.b_id).where(
             links.c.flow == flow, ~links.c.tombstoned
         )
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return pl.DataFrame(rows, schema={"a_id": pl.String, "b_id": pl.String}, orient="row")
+        return self.frame(query, {"a_id": pl.String, "b_id": pl.String})
 
     def save_links(
         self, flow: str, rows: Iterable[tuple[str, str, Mapping[str, Any] | None]], run_id: str
