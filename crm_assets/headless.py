@@ -235,8 +235,9 @@ def run_sync(
     print(f"checks of this run: {len(outcome.checks) - len(failed)} of {len(outcome.checks)} pass")
     for name in failed:
         _passed, severity, metadata = outcome.checks[name]
-        counts = {k: v for k, v in metadata.items() if isinstance(v, int)}
-        print(f"  {severity:5s} {name} {counts}")
+        counts = {k: v for k, v in metadata.items() if isinstance(v, int) and v}
+        reason = metadata.get("reason")
+        print(f"  {severity:5s} {name} {reason if isinstance(reason, str) else counts}")
     for name in outcome.failed_checks():
         if name.endswith(f":{NO_PROPERTIES}"):
             print(

@@ -32,7 +32,7 @@ from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.engine.document import read_document
 from crm_assets.engine.snapshot import SnapshotStore, records_to_frame
 from crm_assets.engine.state import SyncState
-from crm_assets.headless import SyncOutcome, execute_sync
+from crm_assets.headless import EXIT, SyncOutcome, execute_sync
 from crm_assets.http import CrmValidationError, RetryPolicy
 from crm_assets.hubspot import server
 from crm_assets.hubspot.client import HubSpotClient
@@ -483,6 +483,11 @@ class World:
         c = self.office.credentials
         return CrmOfficeClient(self.office.base_url, c["client_id"], c["client_secret"])
 
+    def contact_counts(self) -> tuple[int, int]:
+        """(HubSpot contacts, CRMOffice contacts)."""
+        with self.hubspot.client() as hs, self.office_client() as office:
+            return len(rows(hs, "contacts")), sum(len(p) for p in office.pages("contacts"))
+
     def verify(self, flow: str) -> Any:
         mapping = {m.name: m for m in flow_mappings(read_document(SPEC))}[flow]
         store = SnapshotStore(self.data_dir / "snapshots")
@@ -608,3 +613,25 @@ def test_the_seeded_demo_worlds_overlap_and_converge(world: World):
         assert check.disagreements.height == 0, check.disagreements
     second = sync()
     assert writes(second) == {"crm_office": 0, "hubspot": 0}
+
+
+def test_the_public_document_without_merge_criteria_is_stopped_by_the_breaker(world: World):
+    """The public HubSpot to CRMOffice document maps contacts but names no merge criteria:
+    its first sync could not link a person both CRMs hold and would copy every contact
+    into the other CRM. The breaker stops it, naming what to add; a dry run says so."""
+    world.hubspot.reset(seed=200)
+    world.office.reset(seed=200)
+    public = Path(__file__).parent / "fixtures" / "specs" / "hubspot-crmoffice.rst"
+    assert not read_document(public).flows[0].merge  # the case at hand
+    env = {**os.environ, "CRM_SYNC_SPEC": str(public), "CRM_SYNC_SKIP_UNSUPPORTED": "1"}
+    before = world.contact_counts()
+    command = [sys.executable, "-m", "crm_assets.cli", "sync"]
+    dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, env=env)
+    print(f"\n{dry.stdout}{dry.stderr}")
+    assert "Traceback" not in dry.stderr
+    assert "has no merge criteria" in dry.stdout + dry.stderr
+    real = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert real.returncode == EXIT["breaker"], real.stdout + real.stderr
+    (line,) = real.stderr.strip().splitlines()
+    assert "contact_to_contacts has no merge criteria" in line and "merge block" in line
+    assert world.contact_counts() == before  # nothing copied either way

@@ -21,7 +21,7 @@ from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.reconcile import FORCE_HINT
 from crm_assets.engine.report import render_qa_report
 from crm_assets.engine.snapshot import SnapshotStore
-from crm_assets.sync import SkippedFlow, verify_flow
+from crm_assets.sync import SkippedFlow, named_counts, verify_flow
 from crm_assets.sync.snapshots import read_snapshot
 
 SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity.WARN}
@@ -159,7 +159,11 @@ def circuit_breaker_check(mapping: FlowMapping) -> dg.AssetChecksDefinition:
         return dg.AssetCheckResult(
             passed=meta["blocked"] is None,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"reason": meta["blocked"] or "within limits", **meta["counts"][0]},
+            description=meta["blocked"],
+            metadata={
+                "reason": meta["blocked"] or "within limits",
+                **named_counts(meta["counts"][0], mapping),
+            },
         )
 
     return breaker

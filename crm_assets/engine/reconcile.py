@@ -119,6 +119,7 @@ def reconcile_flow(
     options = options or ReconcileOptions()
     cols = mapping.names
     base_dtypes = {c: links.schema[f"base.{c}"] for c in cols}
+    held = {"a": _live(a), "b": _live(b)}
     a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
     b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
 
@@ -430,8 +431,13 @@ def reconcile_flow(
         rebuild_links=options.rebuild_links,
     )
     plan.counts = plan_counts(plan)
-    plan.blocked = _breaker(plan, linked_count, options, mapping)
+    plan.blocked = _breaker(plan, linked_count, options, mapping, held)
     return plan
+
+
+def _live(frame: pl.DataFrame) -> int:
+    """How many records of a mapped frame exist (not deleted)."""
+    return frame.height - int(frame.get_column("deleted").fill_null(False).sum())
 
 
 def twins(a: pl.LazyFrame, b: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
@@ -576,11 +582,33 @@ FORCE_HINT = (
 
 
 def _breaker(
-    plan: Plan, linked: dict[str, int], options: ReconcileOptions, mapping: FlowMapping
+    plan: Plan,
+    linked: dict[str, int],
+    options: ReconcileOptions,
+    mapping: FlowMapping,
+    held: dict[str, int],
 ) -> str | None:
-    """Why the plan must not be written (too many updates or deletes on one side), if so."""
+    """Why the plan must not be written, if so: too many updates or deletes on one side,
+    or a first sync without merge criteria that would copy records into a CRM that holds
+    records of that object already (it cannot tell a copy from the same person)."""
     if options.force:
         return None
+    if not mapping.merge and linked["a"] == 0 and linked["b"] == 0:
+        into = [
+            f"{plan.counts[f'creates_{side}']} into {mapping.side(side).system}, which "
+            f"holds {held[side]} {mapping.side(side).obj} already"
+            for side in SIDES
+            if plan.counts[f"creates_{side}"] and held[side]
+        ]
+        if into:
+            return (
+                f"circuit breaker: flow {mapping.name} has no merge criteria, so its first "
+                f"sync would link nothing and copy every record ({'; '.join(into)}): "
+                "records on both sides would be made twice; nothing written; add a merge "
+                f"block (a 'will merge with' table naming, say, the e-mail) to the "
+                f"document's section {mapping.title!r}, or, if the CRMs share no records, "
+                f"{FORCE_HINT}"
+            )
     for side in SIDES:
         total = linked[side]
         touched = plan.counts[f"updates_{side}"] + plan.counts[f"deletes_{side}"]

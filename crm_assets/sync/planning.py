@@ -8,7 +8,9 @@ to skip such flows (then they are listed as skipped, never dropped silently).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import polars as pl
 
@@ -152,6 +154,8 @@ def plan_flow(
     plan = reconcile_flow(mapping, a, b, links, options, pending, gone)
     if links.height or options.rebuild_links or state.synced(mapping.name):
         return plan
+    if plan.blocked and not mapping.merge:  # the breaker says what a first sync lacks
+        return plan
     reasons = [earlier_runs] if earlier_runs else []
     if plan.copies.height:
         reasons.append(
@@ -171,11 +175,12 @@ def plan_flow(
     return plan
 
 
-def named_counts(plan: Plan, mapping: FlowMapping) -> dict[str, int]:
-    """The plan's counts as an operator reads them: per CRM by name, never by side letter
-    (``creates_in_crm_office``, ``updates_in_custom_crm``)."""
+def named_counts(plan: Plan | Mapping[str, Any], mapping: FlowMapping) -> dict[str, int]:
+    """A plan's counts (or counts as a plan file keeps them) as an operator reads them: per
+    CRM by name, never by side letter (``creates_in_crm_office``, ``updates_in_custom_crm``)."""
     out = {}
-    for key, value in plan.counts.items():
+    counts = plan.counts if isinstance(plan, Plan) else plan
+    for key, value in counts.items():
         head, _, side = key.rpartition("_")
         if side in ("a", "b") and head:
             key = f"{head}_in_{mapping.side(side).system_key}"
