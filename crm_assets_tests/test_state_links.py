@@ -1,4 +1,5 @@
-"""Loading a flow's links with their base values (``SyncState.links``, ``links_for``).
+"""The state database: loading a flow's links with their base values (``SyncState.links``,
+``links_for``), and several syncs opening a new database at once.
 
 Every run starts by loading these, so the reader is a fast path (texts that SQLite
 aggregates, Arrow from PostgreSQL) and must still return exactly what was saved:
@@ -9,6 +10,7 @@ base, tombstones, several chunks, several flows in one database.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -113,3 +116,48 @@ def test_links_load_exactly_as_saved(
         some = [a for a, *_ in saved[::2]]
         part = state.links_for(flow, COLUMNS, a_ids=some).sort("a_id")
         assert part.equals(want.filter(pl.col("a_id").is_in(some)))
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_syncs_started_together_on_a_new_state_database_all_open_it(
+    tmp_path: Path, database: str
+) -> None:
+    """Two syncs started at the same moment on a state database nobody created yet (the
+    first round of two operators, or a CLI sync beside a sensor's run): each creates the
+    schema if missing, and neither may fail because the other just did."""
+    if database == "postgresql":
+        url = os.environ.get("CRM_SYNC_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("CRM_SYNC_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+        url = fresh_postgres_database(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    start = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def open_state() -> None:
+        start.wait()
+        try:
+            SyncState(url).dispose()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_state) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    state = SyncState(url)
+    assert state.synced("any") is False  # the schema is whole
+    state.dispose()
+
+
+def fresh_postgres_database(url: str) -> str:
+    """A new, empty database on the test server (the schema race needs one nobody opened)."""
+    name = f"race_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)

@@ -24,6 +24,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 SCHEMA_VERSION = 1
 
+#: Tries at creating the schema (a concurrent creator makes the first fail).
+MIGRATE_ATTEMPTS = 5
+
 #: Clock readings kept per CRM (their median is the CRM's offset).
 CLOCK_SAMPLES = 7
 
@@ -304,7 +307,20 @@ class SyncState:
         self.migrate()
 
     def migrate(self) -> None:
-        """Create the schema, or bring an older one up to date."""
+        """Create the schema, or bring an older one up to date.
+
+        Two syncs starting together on a new database both find tables missing and both
+        create them; the slower one fails ("already exists" on SQLite, a unique violation
+        in PostgreSQL's catalog) and tries again, then finds the schema whole."""
+        for attempt in range(MIGRATE_ATTEMPTS):
+            try:
+                return self._migrate()
+            except sa.exc.DBAPIError:
+                if attempt == MIGRATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _migrate(self) -> None:
         with self.engine.begin() as conn:
             metadata.create_all(conn)
             found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
