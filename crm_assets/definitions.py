@@ -85,13 +85,13 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         schedules=schedules,
         assets=[
             *build_snapshot_assets(mappings),
-            *build_flow_assets(document, settings.data_dir),
+            *build_flow_assets(document),
             *sync_assets,
             build_qa_report_asset(document, mappings, flows.skipped),
         ],
         asset_checks=[circuit_breaker_check(m) for m in mappings],
         jobs=jobs,
-        resources=build_resources(connectors.values(), settings.data_dir, settings.state_url),
+        resources=build_resources(connectors.values(), settings.data().url, settings.state_url),
         # one process per run: a sync is a short chain of steps, and a subprocess per
         # step would cost more than the steps themselves (edit-to-visible latency)
         executor=dg.in_process_executor,

@@ -19,6 +19,7 @@ from crm_assets.defs.sync_assets import VIA_TAG
 from crm_assets.engine.checks import NO_PROPERTIES
 from crm_assets.engine.document import DocumentError, read_document
 from crm_assets.engine.mapping import MappingError
+from crm_assets.engine.storage import StorageError
 from crm_assets.settings import Settings
 from crm_assets.sync import FlowFiles, flow_set
 from crm_assets.sync.preview import preview
@@ -148,7 +149,11 @@ def root_cause(error: Any) -> str:
 
 
 #: Exception classes whose failures the CLI reports as one line with an exit code of its own.
-KNOWN_ERRORS = {"CrmAuthError": "credentials", "CrmUnavailable": "unreachable"}
+KNOWN_ERRORS = {
+    "CrmAuthError": "credentials",
+    "CrmUnavailable": "unreachable",
+    "StorageError": "storage",
+}
 
 
 #: How a step failure caused by another writer's lease reads (see crm_assets.engine.lease).
@@ -167,6 +172,7 @@ EXIT = {
     "breaker": 6,
     "credentials": 7,
     "unreachable": 8,
+    "storage": 9,
 }
 
 
@@ -179,7 +185,7 @@ def print_preview(settings: Settings, run_id: str, limit: int = 20) -> None:
     """Per flow, the first records a dry run would create or change (nothing was written)."""
     flows = flow_set(read_document(settings.spec_path), settings.skip_unsupported)
     for mapping in flows.mappings:
-        files = FlowFiles.of_run(settings.data_dir / "flows" / mapping.name, run_id)
+        files = FlowFiles.of_run(settings.data(), mapping.name, run_id)
         if files.plan_written_at() is None:
             continue
         lines = preview(files.load_plan(), mapping, limit)
@@ -200,9 +206,13 @@ def run_sync(
     Known failures are one line on stderr and an exit code of their own (:data:`EXIT`).
     """
     settings = Settings.from_env()
-    print(f"data directory: {settings.data_dir}", flush=True)
     try:
+        data = settings.data()
+        print(f"data directory: {data.url}", flush=True)
+        data.check()
         outcome = execute_sync(flow, dry_run, full_rescan, force, settings, rebuild_links)
+    except StorageError as exc:
+        return _fail(EXIT["storage"], str(exc))
     except KeyError as exc:
         return _fail(EXIT["document"], f"{exc.args[0]} (choose with --flow)")
     except (DocumentError, MappingError) as exc:

@@ -8,7 +8,7 @@ one is visible (or timed out).
 
 It prints every measurement, the median, the 95th percentile and the misses,
 says honestly whether the targets of DESIGN.md section 7 (median <= 10 s, p95 <= 20 s,
-no misses) were met, with the machine's load average, and writes the same as Markdown to ``$CRM_SYNC_DATA_DIR/reports/latency.md``.
+no misses) were met, with the machine's load average, and writes the same as Markdown to ``reports/latency.md`` in the data folder (``CRM_SYNC_DATA_URL``).
 The exit code is 0 whether or not the targets were met; 2 when it could not
 measure at all (a CRM unreachable, no linked contact).
 """
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from crm_assets.connectors import CRM_OFFICE, CUSTOM_CRM
@@ -369,12 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"95th percentile: {fmt(summary.p95, args.timeout)} (target <= {TARGET_P95:.0f} s)")
     print(f"misses:          {summary.misses} of {summary.measured} (timeout {args.timeout:g} s)")
     print(verdict(summary))
-    report = Path(settings.data_dir) / "reports" / "latency.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(
-        render_markdown(measurements, summary, args.timeout, started, warmups, load_before)
+    reports = settings.data().child("reports")
+    reports.write_text(
+        render_markdown(measurements, summary, args.timeout, started, warmups, load_before),
+        "latency.md",
     )
-    print(f"report: {report}")
+    print(f"report: {reports.uri('latency.md')}")
     return 0
 
 

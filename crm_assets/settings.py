@@ -13,10 +13,12 @@ from importlib import resources
 from pathlib import Path
 
 from crm_assets.connectors import CONNECTORS
+from crm_assets.engine.storage import Storage
 
 #: The sync's own settings with their defaults (listed in the README).
 SYNC_DEFAULTS: dict[str, str] = {
     "CRM_SYNC_DATA_DIR": ".crm_sync",
+    "CRM_SYNC_DATA_URL": "",  # empty: CRM_SYNC_DATA_DIR; s3://bucket/prefix: on S3
     "CRM_SYNC_STATE_URL": "",  # empty: SQLite file in CRM_SYNC_DATA_DIR
     "CRM_SYNC_SPEC": "",  # empty: the packaged document
     "CRM_SYNC_SKIP_UNSUPPORTED": "",  # set: flows no connector provides are skipped, not errors
@@ -44,18 +46,29 @@ def packaged_spec_path() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """The sync's own settings at one moment (each CRM's are its connector's)."""
+    """The sync's own settings at one moment (each CRM's are its connector's).
+
+    Snapshots, plans and reports go to ``data_url`` (``CRM_SYNC_DATA_URL``) when set,
+    else to the local ``data_dir``; the default state database stays local in
+    ``data_dir`` whatever ``data_url`` says, as SQLite on S3 would not be a database.
+    """
 
     data_dir: Path
     state_url: str
     spec_path: Path
     skip_unsupported: bool = False
+    data_url: str = ""
+
+    def data(self) -> Storage:
+        """The data folder."""
+        return Storage.at(self.data_url or self.data_dir)
 
     @classmethod
     def from_env(cls) -> Settings:
         data_dir = Path(env("CRM_SYNC_DATA_DIR")).resolve()
         return cls(
             data_dir=data_dir,
+            data_url=env("CRM_SYNC_DATA_URL"),
             state_url=env("CRM_SYNC_STATE_URL") or f"sqlite:///{data_dir / 'state.db'}",
             spec_path=Path(env("CRM_SYNC_SPEC")) if env("CRM_SYNC_SPEC") else packaged_spec_path(),
             skip_unsupported=env("CRM_SYNC_SKIP_UNSUPPORTED").lower() in ("1", "true", "yes"),

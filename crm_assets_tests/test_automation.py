@@ -31,7 +31,7 @@ def tick(
 
 
 def storage(world: SyncWorld) -> SyncStorage:
-    return SyncStorage(data_dir=str(world.data_dir), state_url=world.state_url)
+    return SyncStorage(data_url=str(world.data_dir), state_url=world.state_url)
 
 
 def custom_resource(world: SyncWorld) -> dict[str, Any]:

@@ -613,8 +613,7 @@ class HttpWorld(World):
                 }
                 for system in SYSTEMS
             }
-            flow_dir = self.settings.data_dir / "flows" / flow.name
-            plan = FlowFiles.of_run(flow_dir, outcome.run_id).load_plan()
+            plan = FlowFiles.of_run(self.settings.data(), flow.name, outcome.run_id).load_plan()
             ambiguous[kind] = ambiguous_of(flow, plan)
             times[kind] = times_of(flow, plan)
         return SyncRun(counts, ambiguous, times)

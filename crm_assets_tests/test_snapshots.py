@@ -64,7 +64,7 @@ class Snapshots:
                 secret=office_creds["client_secret"],
             ),
             "storage": SyncStorage(
-                data_dir=str(tmp_path), state_url=f"sqlite:///{tmp_path}/state.db"
+                data_url=str(tmp_path), state_url=f"sqlite:///{tmp_path}/state.db"
             ),
         }
 

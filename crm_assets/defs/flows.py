@@ -6,11 +6,8 @@ digest of the flow's rows, so editing the document marks everything built on
 the flow stale) and shows the flow's rows in the UI.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -56,7 +53,7 @@ def flow_metadata(flow: Flow) -> dict[str, Any]:
     }
 
 
-def build_dataflow_asset(flow: Flow, data_dir: Path) -> dg.AssetsDefinition:
+def build_dataflow_asset(flow: Flow) -> dg.AssetsDefinition:
     """The asset recording one flow's definition, in the flow's own group."""
     metadata = flow_metadata(flow)
 
@@ -67,16 +64,19 @@ def build_dataflow_asset(flow: Flow, data_dir: Path) -> dg.AssetsDefinition:
         description=f"Definition in force of the flow '{flow.title}'.",
         metadata=metadata,
         kinds={"rst"},
+        required_resource_keys={"storage"},
     )
-    def dataflow() -> dg.MaterializeResult:
-        out = data_dir / "flows" / f"{flow.name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(flow.to_json(), indent=2, ensure_ascii=False))
+    def dataflow(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        flows = context.resources.storage.data().child("flows")
+        flows.write_text(
+            json.dumps(flow.to_json(), indent=2, ensure_ascii=False), f"{flow.name}.json"
+        )
+        out = flows.uri(f"{flow.name}.json")
         return dg.MaterializeResult(metadata={**metadata, "path": dg.MetadataValue.path(out)})
 
     return dataflow
 
 
-def build_flow_assets(document: DataflowDocument, data_dir: Path) -> list[dg.AssetsDefinition]:
+def build_flow_assets(document: DataflowDocument) -> list[dg.AssetsDefinition]:
     """One asset group per flow of the document."""
-    return [build_dataflow_asset(flow, data_dir) for flow in document.flows]
+    return [build_dataflow_asset(flow) for flow in document.flows]

@@ -8,11 +8,9 @@ own, incremental), not the plan.
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import polars as pl
 
 from crm_assets.defs.sync_assets import flow_key, last_write_key, markdown_table
 from crm_assets.engine.checks import CheckOutcome, check_catalog
@@ -20,7 +18,6 @@ from crm_assets.engine.document import DataflowDocument
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.reconcile import FORCE_HINT
 from crm_assets.engine.report import render_qa_report
-from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.sync import SkippedFlow, named_counts, verify_flow
 from crm_assets.sync.snapshots import read_snapshot
 
@@ -42,8 +39,8 @@ def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
     )
 
 
-def results_path(flow_dir: Path) -> Path:
-    return flow_dir / "checks.json"
+#: The latest check results of a flow, in its folder (the QA report reads them).
+CHECK_RESULTS = "checks.json"
 
 
 def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
@@ -65,13 +62,13 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
     )
     def verified(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         storage = context.resources.storage
-        store = SnapshotStore(storage.root / "verification")
+        store = storage.verification()
         for obj in (mapping.a, mapping.b):
             with getattr(context.resources, obj.system_key).client() as client:
                 read_snapshot(client, obj, store, storage.state())
         verification = verify_flow(mapping, store, storage.state())
         outcomes = verification.checks
-        results_path(storage.flow_dir(mapping.name)).write_text(
+        storage.flow_dir(mapping.name).write_text(
             json.dumps(
                 {
                     o.name: {
@@ -83,7 +80,8 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
                     for o in outcomes
                 },
                 indent=2,
-            )
+            ),
+            CHECK_RESULTS,
         )
         return dg.MaterializeResult(
             metadata={
@@ -115,20 +113,19 @@ def build_qa_report_asset(
         storage = context.resources.storage
         results = {}
         for m in mappings:
-            path = results_path(storage.flow_dir(m.name))
-            if path.exists():
-                results[m.name] = json.loads(path.read_text())
+            found = storage.flow_dir(m.name).read_text(CHECK_RESULTS)
+            if found is not None:
+                results[m.name] = json.loads(found)
         text = render_qa_report(
             document, results, datetime.now(UTC), {f.name: f.reason for f in skipped}
         )
-        out = storage.root / "reports" / "qa-report.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        reports = storage.data().child("reports")
+        reports.write_text(text, "qa-report.md")
         checks = [r for flow in results.values() for r in flow.values()]
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(text),
-                "path": dg.MetadataValue.path(out),
+                "path": dg.MetadataValue.path(reports.uri("qa-report.md")),
                 "checks": len(checks),
                 "failed": sum(not r["passed"] for r in checks),
                 "skipped_flows": len(skipped),
@@ -152,10 +149,9 @@ def circuit_breaker_check(mapping: FlowMapping) -> dg.AssetChecksDefinition:
     )
     def breaker(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         files = context.resources.storage.flow_files(mapping.name, context.run.run_id)
-        plan_file = files.plan_dir / "plan.parquet"
-        if not plan_file.exists():
+        meta = files.plan_meta()
+        if meta is None:
             return dg.AssetCheckResult(passed=True, metadata={"plan": "none yet"})
-        meta = pl.read_parquet(plan_file).row(0, named=True)
         return dg.AssetCheckResult(
             passed=meta["blocked"] is None,
             severity=dg.AssetCheckSeverity.ERROR,

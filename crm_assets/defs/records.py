@@ -8,7 +8,6 @@ Markdown, with CRM names throughout. The CLI (``crm-assets dead-letters``,
 """
 
 from collections.abc import Callable
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -23,27 +22,20 @@ from crm_assets.sync.records import conflicts_table, dead_letters_table, display
 SHOWN_ROWS = 20
 
 
-def records_dir(storage: SyncStorage, flow: str) -> Path:
-    """Where a flow's record tables are written."""
-    folder = storage.flow_dir(flow) / "records"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def after_writes_store(storage: SyncStorage, mapping: FlowMapping) -> SnapshotStore:
     """The snapshots read after the writes (by ``<flow>/verified``), else the sync's own."""
-    verification = SnapshotStore(storage.root / "verification")
-    if all(verification.path(o.system_key, o.obj).exists() for o in (mapping.a, mapping.b)):
+    verification = storage.verification()
+    if all(verification.exists(o.system_key, o.obj) for o in (mapping.a, mapping.b)):
         return verification
     return storage.snapshots()
 
 
 def _materialize(storage: SyncStorage, flow: str, name: str, frame: pl.DataFrame) -> dict:
-    path = records_dir(storage, flow) / f"{name}.parquet"
-    frame.write_parquet(path)
+    records = storage.flow_dir(flow).child("records")
+    records.write_parquet(frame, f"{name}.parquet")
     return {
         "dagster/row_count": frame.height,
-        "path": dg.MetadataValue.path(path),
+        "path": dg.MetadataValue.path(records.uri(f"{name}.parquet")),
         "table": dg.MetadataValue.md(markdown_table(display(frame), limit=SHOWN_ROWS)),
     }
 

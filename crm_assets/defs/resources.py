@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -13,6 +12,7 @@ from crm_assets.connector import ClientSettings, Connector, CrmClient
 from crm_assets.connectors import connector_by_key
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
+from crm_assets.engine.storage import Storage
 from crm_assets.http import RetryPolicy
 from crm_assets.sync.files import FlowFiles
 
@@ -41,35 +41,40 @@ class CrmResource(dg.ConfigurableResource):
 
 
 class SyncStorage(dg.ConfigurableResource):
-    """Where the project keeps snapshots, plans and reports (``CRM_SYNC_DATA_DIR``) and
-    its state database (``CRM_SYNC_STATE_URL``)."""
+    """Where the project keeps snapshots, plans and reports (``CRM_SYNC_DATA_URL``, a
+    local path or ``s3://bucket/prefix``) and its state database (``CRM_SYNC_STATE_URL``)."""
 
-    data_dir: str
+    data_url: str
     state_url: str
 
     def state(self) -> SyncState:
         return SyncState(self.state_url)
 
-    def flow_dir(self, flow: str) -> Path:
-        """The flow's own folder (its definition and its latest check results)."""
-        return self.root / "flows" / flow
+    def data(self) -> Storage:
+        """The data folder."""
+        return Storage.at(self.data_url)
 
-    def synced_marker(self, flow: str) -> Path:
-        """A file saying a sync of the flow completed with this data directory."""
-        folder = self.flow_dir(flow)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / "synced"
+    def flow_dir(self, flow: str) -> Storage:
+        """The flow's own folder (its definition and its latest check results)."""
+        return self.data().child("flows", flow)
+
+    def synced_before(self, flow: str) -> bool:
+        """Whether the data folder says a sync of the flow completed with it."""
+        return self.flow_dir(flow).exists("synced")
+
+    def mark_synced(self, flow: str, run_id: str) -> None:
+        self.flow_dir(flow).write_text(run_id, "synced")
 
     def flow_files(self, flow: str, run_id: str) -> FlowFiles:
         """One run's files of the flow."""
-        return FlowFiles.of_run(self.flow_dir(flow), run_id)
-
-    @property
-    def root(self) -> Path:
-        return Path(self.data_dir)
+        return FlowFiles.of_run(self.data(), flow, run_id)
 
     def snapshots(self) -> SnapshotStore:
-        return SnapshotStore(self.root / "snapshots")
+        return SnapshotStore(self.data().child("snapshots"))
+
+    def verification(self) -> SnapshotStore:
+        """The snapshots the checks read after the writes (their own cursors)."""
+        return SnapshotStore(self.data().child("verification"))
 
 
 def crm_resource(connector: Connector) -> CrmResource:
@@ -90,13 +95,13 @@ def crm_resource(connector: Connector) -> CrmResource:
 
 
 def build_resources(
-    connectors: Iterable[Connector], data_dir: Path, state_url: str
+    connectors: Iterable[Connector], data_url: str, state_url: str
 ) -> dict[str, dg.ConfigurableResource]:
     """The resources of the connectors in use and the storage."""
     resources: dict[str, dg.ConfigurableResource] = {c.key: crm_resource(c) for c in connectors}
     # a URL from the environment may hold a password: pass it as EnvVar, never as text
     resources["storage"] = SyncStorage(
-        data_dir=str(data_dir),
+        data_url=data_url,
         state_url=dg.EnvVar("CRM_SYNC_STATE_URL")
         if os.environ.get("CRM_SYNC_STATE_URL")
         else state_url,

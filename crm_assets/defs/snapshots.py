@@ -85,7 +85,7 @@ def build_snapshot_asset(source: SourceObject) -> dg.AssetsDefinition:
                 "mode": "full rescan" if config.full_rescan else "incremental",
                 "read_since": run.since.isoformat() if run.since else "beginning",
                 "cursor": run.cursor.isoformat() if run.cursor else "none",
-                "path": dg.MetadataValue.path(store.path(source.system_key, source.obj)),
+                "path": dg.MetadataValue.path(store.uri(source.system_key, source.obj)),
             },
         )
 

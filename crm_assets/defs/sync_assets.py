@@ -62,8 +62,8 @@ def earlier_runs(context: dg.AssetExecutionContext, mapping: FlowMapping) -> str
     """What says the flow was synced before, besides the state database: the data
     directory's marker, or a materialization of its writes in the Dagster instance."""
     storage = context.resources.storage
-    if storage.synced_marker(mapping.name).exists():
-        return f"the data directory {storage.root} holds earlier syncs of it"
+    if storage.synced_before(mapping.name):
+        return f"the data folder {storage.data_url} holds earlier syncs of it"
     if context.instance.get_latest_materialization_event(last_write_key(mapping)) is not None:
         return "the Dagster instance records earlier syncs of it"
     return None
@@ -176,7 +176,7 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
         storage = context.resources.storage
         state, store = storage.state(), storage.snapshots()
         identity = state.identity(
-            data_dir=str(storage.root), instance=os.environ.get("DAGSTER_HOME") or "ephemeral"
+            data_dir=storage.data_url, instance=os.environ.get("DAGSTER_HOME") or "ephemeral"
         )
         meta: dict[str, Any] = {"state_created": identity.get("created_at", "")}
         if writes_key(mapping, WRITE_ORDER[0]) in context.job_def.asset_layer.selected_asset_keys:
@@ -300,7 +300,7 @@ def _writes_asset(
         if last:
             if not plan.blocked and (plan.rebuild_links or not plan.read_only):
                 state.mark_synced(mapping.name, context.run.run_id)
-                storage.synced_marker(mapping.name).write_text(context.run.run_id)
+                storage.mark_synced(mapping.name, context.run.run_id)
             release_held(context.run.run_id, mapping.name)
         if result.failures:  # the run stays a success; the Runs list and its log say so
             report_dead_letters(context, mapping, system, result)

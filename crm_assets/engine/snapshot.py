@@ -10,8 +10,6 @@ newest modification time), so a snapshot and its cursor can never disagree.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from crm_assets.engine.storage import Storage
 
 DELETED = "_deleted"
 #: why a record could not be read as its object's fields say (null: it could)
@@ -226,38 +226,39 @@ def merge_snapshot(
 
 
 class SnapshotStore:
-    """Parquet snapshots under one folder: ``<root>/<system>/<object>.parquet``.
+    """Parquet snapshots under one folder: ``<root>/<system>/<object>.parquet``, each
+    beside ``<object>.read_at``, when its read began.
 
-    Writes go to a temporary file renamed into place, so a failed run never
-    leaves a half-written snapshot or overwrites the last good one.
+    Each write replaces the object whole (see :mod:`crm_assets.engine.storage`), so a
+    failed run never leaves a half-written snapshot or overwrites the last good one.
+    The read time is an object of its own, written after the snapshot, because an S3
+    object's time is when it was written and is not set afterwards: a crash between
+    the two leaves an older time, which only makes a writer read again.
     """
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Storage | Path) -> None:
+        self.root = root if isinstance(root, Storage) else Storage.at(root)
 
-    def path(self, system: str, obj: str) -> Path:
-        return self.root / system / f"{obj}.parquet"
+    def uri(self, system: str, obj: str) -> str:
+        """Where the snapshot is, as an operator finds it."""
+        return self.root.uri(system, f"{obj}.parquet")
+
+    def exists(self, system: str, obj: str) -> bool:
+        return self.root.exists(system, f"{obj}.parquet")
 
     def read(self, system: str, obj: str) -> pl.DataFrame | None:
-        path = self.path(system, obj)
-        if not path.exists():
-            return None
-        # one open file: a concurrent atomic replace swaps the name, never this file's pages
-        with path.open("rb") as f:
-            return pl.read_parquet(f)
+        return self.root.read_parquet(system, f"{obj}.parquet")
 
-    def write(self, system: str, obj: str, frame: pl.DataFrame) -> Path:
-        path = self.path(system, obj)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-        os.close(fd)
-        try:
-            frame.write_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+    def read_at(self, system: str, obj: str) -> float | None:
+        """When the stored snapshot's read began (epoch seconds), if it is known."""
+        text = self.root.read_text(system, f"{obj}.read_at")
+        return None if text is None else float(text)
+
+    def write(self, system: str, obj: str, frame: pl.DataFrame, read_started: float) -> str:
+        """Store the snapshot and when its read began; returns where it is."""
+        self.root.write_parquet(frame, system, f"{obj}.parquet")
+        self.root.write_text(repr(read_started), system, f"{obj}.read_at")
+        return self.uri(system, obj)
 
 
 def since_with_overlap(cursor: datetime | None, overlap: timedelta) -> datetime | None:

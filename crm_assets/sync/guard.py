@@ -57,10 +57,7 @@ def refresh_if_stale(
     released = lease.previous_release
     if released is None:
         return False
-    read_at = [
-        path.stat().st_mtime if (path := store.path(o.system_key, o.obj)).exists() else 0.0
-        for o in (mapping.a, mapping.b)
-    ]
+    read_at = [store.read_at(o.system_key, o.obj) or 0.0 for o in (mapping.a, mapping.b)]
     if min(read_at) > released:
         return False
     for obj in (mapping.a, mapping.b):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -71,10 +70,9 @@ def take_snapshot(
         pages += 1
     fetched = records_to_frame(records, source.fields, source.deleted_field)
     change = merge_snapshot(previous, fetched, source.id_field, source.modified_field, full_rescan)
-    path = store.write(source.system_key, source.obj, change.frame)
-    # the file's time is when its read began: a writer that released the flow after that
-    # is newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
-    os.utime(path, (read_started, read_started))
+    # stamped with when its read began: a writer that released the flow after that is
+    # newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
+    store.write(source.system_key, source.obj, change.frame, read_started)
     crm_now = _crm_now(client)
     return SnapshotRun(
         change,
