@@ -63,6 +63,7 @@ class SyncStorage(dg.ConfigurableResource):
         return self.flow_dir(flow).exists("synced")
 
     def mark_synced(self, flow: str, run_id: str) -> None:
+        """Leave the marker :meth:`synced_before` reads: a state lost later then refuses."""
         self.flow_dir(flow).write_text(run_id, "synced")
 
     def flow_files(self, flow: str, run_id: str) -> FlowFiles:

@@ -60,7 +60,7 @@ def flow_pool(mapping: FlowMapping) -> str:
 
 def earlier_runs(context: dg.AssetExecutionContext, mapping: FlowMapping) -> str | None:
     """What says the flow was synced before, besides the state database: the data
-    directory's marker, or a materialization of its writes in the Dagster instance."""
+    folder's marker, or a materialization of its writes in the Dagster instance."""
     storage = context.resources.storage
     if storage.synced_before(mapping.name):
         return f"the data folder {storage.data_url} holds earlier syncs of it"
