@@ -97,7 +97,12 @@ def execute_sync(
         selection.append(key)
         if key.path[-1] == "reconciled":
             ops[name] = {
-                "config": {"dry_run": dry_run, "force": force, "rebuild_links": rebuild_links}
+                "config": {
+                    "dry_run": dry_run,
+                    "force": force,
+                    "rebuild_links": rebuild_links,
+                    "full_plan": full_rescan,
+                }
             }
         elif key.path[0] in snapshot_groups:
             ops[name] = {"config": {"full_rescan": full_rescan}}

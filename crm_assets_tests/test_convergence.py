@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import multiprocessing
 import os
 import re
@@ -89,7 +90,14 @@ from crm_assets.engine.reconcile import Plan
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.settings import packaged_spec_path
-from crm_assets.sync import FlowFiles, flow_mappings, sync_once, take_snapshot, verify_flow
+from crm_assets.sync import (
+    FlowFiles,
+    flow_mappings,
+    plan_flow,
+    sync_once,
+    take_snapshot,
+    verify_flow,
+)
 from crm_assets.sync import once as sync_once_module
 
 #: the two CRMs, by connector key: the harness's names for them in either orientation
@@ -425,6 +433,37 @@ class World:
         return {(system, kind): self.records(system, kind) for system in SYSTEMS for kind in KINDS}
 
 
+def plan_actions(plan: Plan) -> dict[str, Any]:
+    """What a plan would do, as comparable values: everything but the ambiguous records
+    it looked at (an incremental plan looks at those it must; its mark keeps the rest)."""
+
+    def rows(frame: pl.DataFrame) -> list[tuple[Any, ...]]:
+        return sorted(frame.iter_rows(), key=repr)
+
+    parts = ("pairs", "conflicts", "tombstones", "deferred", "failed", "side_effects")
+    return {
+        **{part: rows(getattr(plan, part)) for part in parts},
+        **{f"creates_{s}": rows(plan.creates[s]) for s in "ab"},
+        **{f"deletes_{s}": rows(plan.deletes[s]) for s in "ab"},
+        "counts": {k: v for k, v in plan.counts.items() if k != "ambiguous"},
+        "blocked": plan.blocked,
+        "ambiguous": json.loads(plan.mark or "{}").get("ambiguous"),
+    }
+
+
+def plan_as_full_would(
+    mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, state: SyncState, *args: Any, **kw: Any
+) -> Plan:
+    """``plan_flow``, asserting that an incremental plan does what a full one would."""
+    plan = plan_flow(mapping, a, b, state, *args, **kw)
+    if plan.scope == "incremental":
+        full = plan_flow(mapping, a, b, state, *args, **{**kw, "full": True})
+        mine, theirs = plan_actions(plan), plan_actions(full)
+        differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+        assert not differ, f"incremental plan of {mapping.name} differs from the full one: {differ}"
+    return plan
+
+
 class MemoryWorld(World):
     """Both CRMs in memory, the engine's ``sync_once``, SQLite state in a temporary folder.
 
@@ -473,7 +512,10 @@ class MemoryWorld(World):
 
     def sync(self, full_rescan: bool = False) -> SyncRun:
         mappings = list(self.orientation.mappings)
-        runs = sync_once(mappings, self.clients, self.store, self.state, full_rescan=full_rescan)
+        with mock.patch.object(sync_once_module, "plan_flow", plan_as_full_would):
+            runs = sync_once(
+                mappings, self.clients, self.store, self.state, full_rescan=full_rescan
+            )
         flows = self.orientation.flows
         return SyncRun(
             counts={

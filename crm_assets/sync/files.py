@@ -81,6 +81,9 @@ class FlowFiles:
             "blocked": plan.blocked,
             "read_only": plan.read_only,
             "rebuild_links": plan.rebuild_links,
+            "scope": plan.scope,
+            "scoped_records": plan.scoped_records,
+            "mark": plan.mark,
         }
         pl.DataFrame([{**meta, "columns": plan.columns, "counts": [plan.counts]}]).write_parquet(
             folder / "plan.parquet"
@@ -107,6 +110,9 @@ class FlowFiles:
             blocked=meta["blocked"],
             read_only=meta["read_only"],
             rebuild_links=meta["rebuild_links"],
+            scope=meta["scope"],
+            scoped_records=meta["scoped_records"],
+            mark=meta["mark"],
             **parts,
         )
 
