@@ -101,10 +101,10 @@ def changed_since(
     """The ids of each side an incremental plan starts from, or ``None`` when only a full
     plan is right (a snapshot older than the mark: it was made anew or replaced).
 
-    Besides the records read since the mark: the records the mark left ambiguous, those
-    of open dead letters and pending creates (retried), records waiting on a reference,
-    and records whose reference points at a link the referenced flow made or changed
-    since the mark.
+    Besides the records read since the mark: the records of links written since, those
+    the mark left ambiguous, those of open dead letters and pending creates (retried),
+    records waiting on a reference, and records whose reference points at a link the
+    referenced flow made or changed since the mark.
     """
     frames = {"a": a, "b": b}
     if any(
@@ -119,6 +119,9 @@ def changed_since(
         + [state.links_changed_since(ref, since) for ref in mapping.references]
     )
     extra = {side: list(mark.ambiguous[side]) for side in ("a", "b")}
+    # the links the last run made, rebased or tombstoned: its writes are checked once more
+    # (a record it created and someone deleted before the next read is never read at all)
+    extra["a"] += state.links_changed_since(mapping.name, since).to_list()
     letters = state.dead_letters(mapping.name)
     for side, record_id, action in letters.select("side", "record_id", "action").iter_rows():
         record_side, rid = dead_letter_record(side, record_id, action)

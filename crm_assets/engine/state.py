@@ -53,6 +53,8 @@ links = sa.Table(
     sa.Column("base", sa.Text, nullable=True),  # JSON of canonical values; null: no base yet
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("flow", "b_id", name="uq_links_flow_b"),
+    # an incremental plan reads the links changed since the last one (links_changed_since)
+    sa.Index("ix_links_flow_updated", "flow", "updated_at"),
 )
 
 intents = sa.Table(
@@ -323,6 +325,8 @@ class SyncState:
     def _migrate(self) -> None:
         with self.engine.begin() as conn:
             metadata.create_all(conn)
+            for index in links.indexes:  # added since: create_all passes over existing tables
+                index.create(conn, checkfirst=True)
             found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
             if found is None:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
