@@ -14,7 +14,7 @@ import pytest
 
 from crm_assets.connectors import UnsupportedFlow
 from crm_assets.definitions import build_definitions
-from crm_assets.settings import Settings
+from crm_assets.settings import Settings, packaged_spec_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = Path(__file__).parent / "fixtures" / "specs"
@@ -32,7 +32,10 @@ def test_dg_check_defs_passes():
 
 def settings_for(spec: Path, tmp_path: Path, skip_unsupported: bool = False) -> Settings:
     return dataclasses.replace(
-        Settings.from_env(), spec_path=spec, data_dir=tmp_path, skip_unsupported=skip_unsupported
+        Settings.from_env(),
+        spec_paths=(spec,),
+        data_dir=tmp_path,
+        skip_unsupported=skip_unsupported,
     )
 
 
@@ -45,7 +48,7 @@ def groups(defs: dg.Definitions) -> dict[str, list[str]]:
 
 
 def test_packaged_document_gives_one_group_per_flow(tmp_path):
-    defs = build_definitions(settings_for(Settings.from_env().spec_path, tmp_path))
+    defs = build_definitions(settings_for(packaged_spec_path(), tmp_path))
     found = groups(defs)
     assert {"contact_to_contacts", "product_to_companies"} <= set(found)
     spec = defs.resolve_asset_graph().get(dg.AssetKey(["contact_to_contacts", "dataflow"]))
