@@ -8,12 +8,10 @@ other two, and nothing echoes back (a quiet round writes nothing).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from conftest import SyncWorld
 from test_automation import jobs_of, office_resource, tick
-from test_hubspot import HubSpotService, start_hubspot
+from test_hubspot import HubSpotService, _hubspot_process  # noqa: F401
 
 from crm_assets.headless import SyncOutcome, execute_sync
 from crm_assets.settings import packaged_spec_path
@@ -23,25 +21,19 @@ BOTH = f"{SPECS / 'customcrm-crmoffice.rst'},{SPECS / 'hubspot-crmoffice.rst'}"
 EMAIL = "anne@three.example"
 
 
-@pytest.fixture(scope="module")
-def _hubspot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubSpotService]:
-    service = start_hubspot(tmp_path_factory.mktemp("hubspot"), "--faults")
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
 @pytest.fixture
 def three(
-    sync_world: SyncWorld, _hubspot: HubSpotService, monkeypatch: pytest.MonkeyPatch
+    sync_world: SyncWorld,
+    _hubspot_process: HubSpotService,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> tuple[SyncWorld, HubSpotService]:
     """The three CRMs empty, and the sync configured with both documents."""
-    _hubspot.reset()
-    monkeypatch.setenv("HUBSPOT_BASE_URL", _hubspot.base_url)
-    monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", _hubspot.token)
+    hubspot = _hubspot_process
+    hubspot.reset()
+    monkeypatch.setenv("HUBSPOT_BASE_URL", hubspot.base_url)
+    monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", hubspot.token)
     monkeypatch.setenv("CRM_SYNC_SPEC", BOTH)
-    return sync_world, _hubspot
+    return sync_world, hubspot
 
 
 def sync() -> SyncOutcome:
