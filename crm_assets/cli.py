@@ -276,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Sesam Talk dataflow documents (.rst), or folders of them; with several, flow "
         "names are qualified by their document's file name, as CRM_SYNC_SPEC does",
     )
-    spec.add_argument("--json", action="store_true", help="print the parsed document as JSON")
+    spec.add_argument(
+        "--json", action="store_true", help="print the parsed document as JSON (several: a list)"
+    )
     spec.add_argument(
         "--check",
         action="store_true",
