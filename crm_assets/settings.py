@@ -18,7 +18,7 @@ from crm_assets.connectors import CONNECTORS
 SYNC_DEFAULTS: dict[str, str] = {
     "CRM_SYNC_DATA_DIR": ".crm_sync",
     "CRM_SYNC_STATE_URL": "",  # empty: SQLite file in CRM_SYNC_DATA_DIR
-    "CRM_SYNC_SPEC": "",  # empty: the packaged document
+    "CRM_SYNC_SPEC": "",  # empty: the packaged document; else documents or folders, comma-separated
     "CRM_SYNC_SKIP_UNSUPPORTED": "",  # set: flows no connector provides are skipped, not errors
 }
 
@@ -42,13 +42,19 @@ def packaged_spec_path() -> Path:
     return Path(str(resources.files("crm_assets") / "specs" / "customcrm-crmoffice.rst"))
 
 
+def spec_paths(value: str) -> tuple[Path, ...]:
+    """The documents and folders ``CRM_SYNC_SPEC`` names (comma-separated), else the
+    packaged document."""
+    return tuple(Path(p.strip()) for p in value.split(",") if p.strip()) or (packaged_spec_path(),)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The sync's own settings at one moment (each CRM's are its connector's)."""
 
     data_dir: Path
     state_url: str
-    spec_path: Path
+    spec_paths: tuple[Path, ...]
     skip_unsupported: bool = False
 
     @classmethod
@@ -57,6 +63,6 @@ class Settings:
         return cls(
             data_dir=data_dir,
             state_url=env("CRM_SYNC_STATE_URL") or f"sqlite:///{data_dir / 'state.db'}",
-            spec_path=Path(env("CRM_SYNC_SPEC")) if env("CRM_SYNC_SPEC") else packaged_spec_path(),
+            spec_paths=spec_paths(env("CRM_SYNC_SPEC")),
             skip_unsupported=env("CRM_SYNC_SKIP_UNSUPPORTED").lower() in ("1", "true", "yes"),
         )

@@ -618,7 +618,7 @@ class HttpWorld(World):
         self.orientation = orientation(orientation_name)
         self.data_dir = data_dir
         self.settings = Settings.from_env()
-        assert self.settings.spec_path == self.orientation.document, self.settings.spec_path
+        assert self.settings.spec_paths == (self.orientation.document,), self.settings.spec_paths
         self.clients = {
             CUSTOM: CustomCrmClient(custom.base_url, custom.credentials["api_key"]),
             OFFICE: CrmOfficeClient(

@@ -33,6 +33,9 @@ def build_change_sensor(
             if obj.system_key == system_key and obj not in sources:
                 sources.append(obj)
     system = sources[0].system
+    #: objects several flows read (documents synced together): their edits go on through
+    #: each flow, so a write of one flow starts the others (and the writer, to no effect)
+    shared = [s for s in sources if sum(s in (m.a, m.b) for m in mappings) > 1]
 
     @dg.sensor(
         name=f"{system_key}_changes",
@@ -47,6 +50,8 @@ def build_change_sensor(
         state = context.resources.storage.state()
 
         def own(source: SourceObject, stamped: list[tuple[str, str]]) -> set[str]:
+            if source in shared:  # one flow's write is news to the others reading the object
+                return set()
             pairs = [(record_id, moment) for moment, record_id in stamped]
             return state.own_writes(source.system_key, source.obj, pairs)
 
