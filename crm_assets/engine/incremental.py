@@ -25,9 +25,16 @@ import polars as pl
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.state import SyncState, dead_letter_record
 
-#: Links of a referenced flow changed this long before a mark count as changed after it:
-#: hosts of one deployment may disagree on the time by that much.
-CLOCK_MARGIN = timedelta(minutes=5)
+#: Links changed this long before a mark count as changed after it: the hosts of one
+#: deployment may disagree on the time by that much (more, and a link written by a host
+#: running behind waits for the nightly full plan).
+CLOCK_MARGIN = timedelta(seconds=60)
+#: An incremental plan pays per record in its scope, a full one per record of the flow:
+#: when more than this share of a flow's records changed (a bulk import, the run after a
+#: first sync), the full plan is the faster of the two...
+FULL_PLAN_SHARE = 0.05
+#: ...in flows of at least this many records (below, either is fast)
+FULL_PLAN_MIN_RECORDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,9 @@ def last_mark(state: SyncState, mapping: FlowMapping) -> Mark | None:
 def changed_since(
     mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, state: SyncState, mark: Mark
 ) -> tuple[pl.Series, pl.Series] | None:
-    """The ids of each side an incremental plan starts from, or ``None`` when only a full
-    plan is right (a snapshot older than the mark: it was made anew or replaced).
+    """The ids of each side an incremental plan starts from, or ``None`` when a full plan
+    is right (a snapshot older than the mark: it was made anew or replaced) or faster
+    (:data:`FULL_PLAN_SHARE`).
 
     Besides the records read since the mark: the records of links written since, those
     the mark left ambiguous, those of open dead letters and pending creates (retried),
@@ -143,6 +151,9 @@ def changed_since(
                 ]
             ).unique()
         )
+    records = a.height + b.height
+    if records >= FULL_PLAN_MIN_RECORDS and ids[0].len() + ids[1].len() > FULL_PLAN_SHARE * records:
+        return None
     return ids[0], ids[1]
 
 
