@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(exit 1 if any still fails)",
     )
     discard = actions.add_parser(
-        "discard", help="forget dead letters (audited; a record still refused fails again)"
+        "discard",
+        help="forget dead letters (audited; a record still refused is tried again when it "
+        "next changes, or by the nightly full plan)",
     )
     for action in (retry, discard):
         action.add_argument("ids", nargs="*", metavar="ID", help="ids as `list` shows them")
