@@ -168,7 +168,9 @@ class Scope:
 
 def upsert_rows(frame: pl.DataFrame, changed: pl.DataFrame) -> pl.DataFrame:
     """A mapped frame with the changed records' rows replaced (or added)."""
-    return pl.concat([frame.join(changed.select("id"), on="id", how="anti"), changed])
+    return pl.concat(
+        [frame.filter(~pl.col("id").is_in(changed.get_column("id").implode())), changed]
+    )
 
 
 def changed_scope(

@@ -191,23 +191,19 @@ def merge_snapshot(
     )
     if previous is None:
         previous = fetched.clear()
-    seqs = (
-        previous.select(id_field, pl.col(SEQ).cast(pl.Int64))
-        if SEQ in previous.columns
-        else previous.select(id_field, pl.lit(0, dtype=pl.Int64).alias(SEQ))
-    )
+    if SEQ not in previous.columns:  # a snapshot from before reads were numbered
+        previous = previous.with_columns(pl.lit(0, dtype=pl.Int64).alias(SEQ))
     this_read = pl.lit(
-        max(int(seqs.get_column(SEQ).max() or 0) + 1, time.time_ns() // 1000), dtype=pl.Int64
+        max(int(previous.get_column(SEQ).max() or 0) + 1, time.time_ns() // 1000), dtype=pl.Int64
     )
     missing = [c for c in fetched.columns if c not in previous.columns]  # an older snapshot
-    previous = (
-        previous.with_columns(pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing)
-        .select(fetched.columns)
-        .cast(fetched.schema, strict=False)
-    )
-    joined = fetched.join(previous, on=id_field, how="left", suffix="__prev").join(
-        seqs, on=id_field, how="left"
-    )
+    wanted = {**fetched.schema, SEQ: pl.Int64()}
+    previous = previous.with_columns(
+        pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing
+    ).select(list(wanted))
+    if previous.schema != wanted:  # a million rows are cast only when a type changed
+        previous = previous.cast(wanted, strict=False)
+    joined = fetched.join(previous, on=id_field, how="left", suffix="__prev", maintain_order="left")
     is_new = pl.col(f"{DELETED}__prev").is_null()
     differs = ~is_new & (
         (pl.col(modified) != pl.col(f"{modified}__prev")).fill_null(True)
@@ -221,9 +217,8 @@ def merge_snapshot(
     fetched = joined.select(
         *fetched.columns, pl.when(is_new | differs).then(this_read).otherwise(SEQ).alias(SEQ)
     )
-    keep_previous = previous.join(fetched.select(id_field), on=id_field, how="anti").join(
-        seqs, on=id_field, how="left"
-    )
+    # a filter, not an anti-join: that would hash the million rows kept to drop a few
+    keep_previous = previous.filter(~pl.col(id_field).is_in(fetched.get_column(id_field).implode()))
     if full_rescan:
         vanished = keep_previous.filter(~pl.col(DELETED))
         keep_previous = pl.concat(
@@ -235,7 +230,9 @@ def merge_snapshot(
         hard_deleted = vanished.height
     else:
         hard_deleted = 0
-    merged = pl.concat([keep_previous, fetched]).sort([modified, id_field], nulls_last=False)
+    # kept rows stay in their order, fetched ones follow (sorted by modification): no sort
+    # of the whole snapshot per read
+    merged = pl.concat([keep_previous, fetched])
     return SnapshotChange(
         frame=merged,
         new=new,
