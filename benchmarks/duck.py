@@ -35,7 +35,7 @@ import duckdb
 import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping
-from crm_assets.engine.reconcile import SIDES, Plan, ReconcileOptions, _live, plan_counts
+from crm_assets.engine.reconcile import SIDES, Plan, ReconcileOptions, live_count, plan_counts
 from crm_assets.engine.reconcile import _breaker as circuit_breaker  # the engine's own rule 6
 
 #: Every Unicode space and invisible formatting character, as the engine's ``[\s\p{Cf}]``
@@ -86,7 +86,7 @@ def reconcile_duck(
         con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
         for name, frame in (("a", a), ("b", b), ("links", links)):
             con.register(name, ArrowStream(frame))
-        return _plan(con, mapping, options, links, {"a": _live(a), "b": _live(b)})
+        return _plan(con, mapping, options, links, {"a": live_count(a), "b": live_count(b)})
     finally:
         con.close()
 

@@ -12,24 +12,30 @@ from typing import Any
 
 
 def _spec(args: argparse.Namespace) -> int:
-    from crm_assets.engine.document import DocumentError, read_document, to_json_text
+    from crm_assets.engine.document import (
+        DocumentError,
+        SelectionError,
+        read_documents,
+        to_json_text,
+    )
 
     try:
-        document = read_document(args.file)
-    except DocumentError as exc:
+        documents = read_documents([Path(f) for f in args.files])
+    except (DocumentError, SelectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
-    for warning in document.warnings:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    print(to_json_text(document) if args.json else document.summary())
+    for document in documents:
+        for warning in document.warnings:
+            print(f"warning: {warning.message}", file=sys.stderr)
+    print(to_json_text(documents) if args.json else "\n\n".join(d.summary() for d in documents))
     if not args.check:
         return 0
     from crm_assets.connectors import check_document
 
-    errors = check_document(document)
+    errors = [e for d in documents for e in check_document(d)]
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 3 if errors else 0
@@ -80,20 +86,19 @@ class _CliError(Exception):
 def _records_setup(flow: str | None) -> tuple[Any, list[Any]]:
     """The configured state (``None`` before any sync) and the flows asked for."""
     from crm_assets.connectors import UnsupportedFlow
-    from crm_assets.engine.document import DocumentError, read_document
+    from crm_assets.engine.document import DocumentError, SelectionError
     from crm_assets.engine.mapping import MappingError
     from crm_assets.engine.state import SyncState
     from crm_assets.settings import Settings
-    from crm_assets.sync import flow_set
+    from crm_assets.sync.selection import read_selection
 
     settings = Settings.from_env()
     try:
-        document = read_document(settings.spec_path)
-        mappings = flow_set(document, skip_unsupported=settings.skip_unsupported).mappings
-    except (DocumentError, MappingError, UnsupportedFlow) as exc:
+        mappings = read_selection(settings.spec_paths, settings.skip_unsupported).mappings
+    except (DocumentError, MappingError, SelectionError, UnsupportedFlow) as exc:
         raise _CliError(f"{exc} (fix the document or CRM_SYNC_SPEC)") from None
     except OSError as exc:
-        name = exc.filename or settings.spec_path
+        name = exc.filename or "the document"
         raise _CliError(f"cannot read {name}: {exc.strerror} (check CRM_SYNC_SPEC)") from None
     if flow is not None:
         chosen = [m for m in mappings if m.name == flow]
@@ -263,9 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crm-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    spec = sub.add_parser("spec", help="parse a dataflow document and print it")
-    spec.add_argument("file", help="path of a Sesam Talk dataflow document (.rst)")
-    spec.add_argument("--json", action="store_true", help="print the parsed document as JSON")
+    spec = sub.add_parser("spec", help="parse dataflow documents and print them")
+    spec.add_argument(
+        "files",
+        nargs="+",
+        metavar="file",
+        help="Sesam Talk dataflow documents (.rst), or folders of them; with several, flow "
+        "names are qualified by their document's file name, as CRM_SYNC_SPEC does",
+    )
+    spec.add_argument(
+        "--json", action="store_true", help="print the parsed document as JSON (several: a list)"
+    )
     spec.add_argument(
         "--check",
         action="store_true",
@@ -306,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(run=_sync)
 
-    demo = sub.add_parser("demo", help="both embedded CRMs, seeded, plus the Dagster UI")
+    demo = sub.add_parser("demo", help="every embedded CRM, seeded, plus the Dagster UI")
     demo.add_argument("--seed", type=int, default=500, help="demo records per object")
     demo.add_argument("--port", type=int, default=3000, help="port of the Dagster UI")
     demo.set_defaults(run=_demo)
@@ -323,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(exit 1 if any still fails)",
     )
     discard = actions.add_parser(
-        "discard", help="forget dead letters (audited; a record still refused fails again)"
+        "discard",
+        help="forget dead letters (audited; a record still refused is tried again when it "
+        "next changes, or by the nightly full plan)",
     )
     for action in (retry, discard):
         action.add_argument("ids", nargs="*", metavar="ID", help="ids as `list` shows them")

@@ -1,4 +1,4 @@
-"""The Dagster definitions: the asset graph generated from the dataflow document."""
+"""The Dagster definitions: the asset graph generated from the dataflow documents."""
 
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from crm_assets.defs.records import build_record_assets
 from crm_assets.defs.resources import build_resources
 from crm_assets.defs.snapshots import build_snapshot_assets
 from crm_assets.defs.sync_assets import FLOW_TAG, build_sync_assets
-from crm_assets.engine.document import read_document
 from crm_assets.engine.lease import release_held
 from crm_assets.settings import DEFAULTS, Settings
-from crm_assets.sync import flow_set
+from crm_assets.sync.selection import read_selection
 
 #: A retried run (instance run retries) starts over: it re-reads and re-plans under the
 #: flow's lease, never writing an old plan.
@@ -42,9 +41,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     for name, default in DEFAULTS.items():
         if default:
             os.environ.setdefault(name, default)
-    document = read_document(settings.spec_path)
-    flows = flow_set(document, skip_unsupported=settings.skip_unsupported)
-    mappings = flows.mappings
+    selection = read_selection(settings.spec_paths, settings.skip_unsupported)
+    mappings = selection.mappings
     connectors = {
         obj.system_key: connector_by_key(obj.system_key) for m in mappings for obj in (m.a, m.b)
     }
@@ -85,9 +83,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         schedules=schedules,
         assets=[
             *build_snapshot_assets(mappings),
-            *build_flow_assets(document),
+            *(a for d in selection.documents for a in build_flow_assets(d)),
             *sync_assets,
-            build_qa_report_asset(document, mappings, flows.skipped),
+            build_qa_report_asset(selection),
         ],
         asset_checks=[circuit_breaker_check(m) for m in mappings],
         jobs=jobs,

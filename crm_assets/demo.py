@@ -1,4 +1,5 @@
-"""The demo: the embedded CRMs the document's flows use, seeded, plus the Dagster UI.
+"""The demo: every embedded CRM (so whichever the selected documents name), seeded, plus
+the Dagster UI.
 
 Each service listens where its connector's base URL setting (``CUSTOM_CRM_BASE_URL``,
 ``CRM_OFFICE_BASE_URL``, ...) points, so the Dagster resources (which read the

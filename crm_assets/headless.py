@@ -17,12 +17,13 @@ from crm_assets.connectors import CONNECTORS, UnsupportedFlow, with_fix
 from crm_assets.definitions import build_definitions
 from crm_assets.defs.sync_assets import VIA_TAG
 from crm_assets.engine.checks import NO_PROPERTIES
-from crm_assets.engine.document import DocumentError, read_document
+from crm_assets.engine.document import DocumentError, SelectionError
 from crm_assets.engine.mapping import MappingError
 from crm_assets.engine.storage import StorageError
 from crm_assets.settings import Settings
-from crm_assets.sync import FlowFiles, flow_set
+from crm_assets.sync import FlowFiles
 from crm_assets.sync.preview import preview
+from crm_assets.sync.selection import read_selection
 
 #: The metadata a summary line shows per asset, when present.
 SUMMARY_KEYS = (
@@ -98,7 +99,12 @@ def execute_sync(
         selection.append(key)
         if key.path[-1] == "reconciled":
             ops[name] = {
-                "config": {"dry_run": dry_run, "force": force, "rebuild_links": rebuild_links}
+                "config": {
+                    "dry_run": dry_run,
+                    "force": force,
+                    "rebuild_links": rebuild_links,
+                    "full_plan": full_rescan,
+                }
             }
         elif key.path[0] in snapshot_groups:
             ops[name] = {"config": {"full_rescan": full_rescan}}
@@ -183,8 +189,7 @@ def _fail(code: int, message: str) -> int:
 
 def print_preview(settings: Settings, run_id: str, limit: int = 20) -> None:
     """Per flow, the first records a dry run would create or change (nothing was written)."""
-    flows = flow_set(read_document(settings.spec_path), settings.skip_unsupported)
-    for mapping in flows.mappings:
+    for mapping in read_selection(settings.spec_paths, settings.skip_unsupported).mappings:
         files = FlowFiles.of_run(settings.data(), mapping.name, run_id)
         if files.plan_written_at() is None:
             continue
@@ -215,7 +220,7 @@ def run_sync(
         return _fail(EXIT["storage"], str(exc))
     except KeyError as exc:
         return _fail(EXIT["document"], f"{exc.args[0]} (choose with --flow)")
-    except (DocumentError, MappingError) as exc:
+    except (DocumentError, MappingError, SelectionError) as exc:
         return _fail(EXIT["document"], f"{exc} (fix the document or CRM_SYNC_SPEC)")
     except UnsupportedFlow as exc:
         return _fail(

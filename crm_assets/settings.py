@@ -20,7 +20,7 @@ SYNC_DEFAULTS: dict[str, str] = {
     "CRM_SYNC_DATA_DIR": ".crm_sync",
     "CRM_SYNC_DATA_URL": "",  # empty: CRM_SYNC_DATA_DIR; s3://bucket/prefix: on S3
     "CRM_SYNC_STATE_URL": "",  # empty: SQLite file in CRM_SYNC_DATA_DIR
-    "CRM_SYNC_SPEC": "",  # empty: the packaged document
+    "CRM_SYNC_SPEC": "",  # empty: the packaged document; else documents or folders, comma-separated
     "CRM_SYNC_SKIP_UNSUPPORTED": "",  # set: flows no connector provides are skipped, not errors
 }
 
@@ -44,6 +44,12 @@ def packaged_spec_path() -> Path:
     return Path(str(resources.files("crm_assets") / "specs" / "customcrm-crmoffice.rst"))
 
 
+def spec_paths(value: str) -> tuple[Path, ...]:
+    """The documents and folders ``CRM_SYNC_SPEC`` names (comma-separated), else the
+    packaged document."""
+    return tuple(Path(p.strip()) for p in value.split(",") if p.strip()) or (packaged_spec_path(),)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The sync's own settings at one moment (each CRM's are its connector's).
@@ -55,7 +61,7 @@ class Settings:
 
     data_dir: Path
     state_url: str
-    spec_path: Path
+    spec_paths: tuple[Path, ...]
     skip_unsupported: bool = False
     data_url: str = ""
 
@@ -70,6 +76,6 @@ class Settings:
             data_dir=data_dir,
             data_url=env("CRM_SYNC_DATA_URL"),
             state_url=env("CRM_SYNC_STATE_URL") or f"sqlite:///{data_dir / 'state.db'}",
-            spec_path=Path(env("CRM_SYNC_SPEC")) if env("CRM_SYNC_SPEC") else packaged_spec_path(),
+            spec_paths=spec_paths(env("CRM_SYNC_SPEC")),
             skip_unsupported=env("CRM_SYNC_SKIP_UNSUPPORTED").lower() in ("1", "true", "yes"),
         )

@@ -107,17 +107,20 @@ def test_unreachable_crm_skips_the_tick_and_keeps_the_cursor(sync_world: SyncWor
     assert context.cursor == cursor
 
 
-def test_nightly_schedule_rescans_every_object(sync_world: SyncWorld):
+def test_nightly_schedule_rescans_every_object_and_plans_every_record(sync_world: SyncWorld):
     defs = build_definitions(Settings.from_env())
     schedule = defs.resolve_schedule_def("nightly_full_rescan")
     assert schedule.cron_schedule == "0 2 * * *"
     (request,) = schedule.evaluate_tick(dg.build_schedule_context()).run_requests
     ops = request.run_config["ops"]
-    assert {k for k, v in ops.items() if v["config"]["full_rescan"]} == {
+    assert {k for k, v in ops.items() if v["config"].get("full_rescan")} == {
         "custom_crm__contacts",
         "custom_crm__products",
         "crm_office__contacts",
         "crm_office__companies",
+    }
+    assert {k for k, v in ops.items() if v["config"].get("full_plan")} == {
+        f"{flow}__reconciled" for flow in sync_world.mappings
     }
 
 

@@ -18,6 +18,7 @@ from conftest import SyncWorld
 from embedded_fixtures import free_port
 
 from crm_assets.headless import EXIT, execute_sync
+from crm_assets.settings import packaged_spec_path
 
 
 def cli_sync(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -67,6 +68,23 @@ def test_a_bad_document_is_one_line_naming_the_file(tmp_path: Path, problem: str
     assert "flows.rst" in line and "CRM_SYNC_SPEC" in line
     if problem == "malformed":
         assert "line" in line
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty folder", "same pair twice"])
+def test_a_bad_list_of_documents_is_one_line_naming_the_file(tmp_path: Path, problem: str):
+    specs = packaged_spec_path().parent
+    listed = {
+        "missing": [packaged_spec_path(), tmp_path / "gone.rst"],
+        "empty folder": [specs / "hubspot-crmoffice.rst", tmp_path],
+        "same pair twice": [packaged_spec_path(), specs / "crmoffice-customcrm.rst"],
+    }[problem]
+    setting = ",".join(str(p) for p in listed)
+    result = cli_sync(CRM_SYNC_SPEC=setting, CRM_SYNC_DATA_DIR=str(tmp_path / "data"))
+    assert result.returncode == EXIT["document"]
+    line = one_line(result)
+    assert str(listed[-1]) in line and "CRM_SYNC_SPEC" in line
+    if problem == "same pair twice":
+        assert str(listed[0]) in line and "select one of them" in line
 
 
 def test_a_breaker_trip_fails_the_run_with_its_reason_and_force_writes(sync_world: SyncWorld):

@@ -14,14 +14,28 @@ import pytest
 
 from crm_assets.connectors import UnsupportedFlow
 from crm_assets.definitions import build_definitions
-from crm_assets.settings import Settings
+from crm_assets.settings import Settings, packaged_spec_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = Path(__file__).parent / "fixtures" / "specs"
+#: The project's documents: Custom CRM ↔ CRMOffice and HubSpot ↔ CRMOffice share CRMOffice.
+PROJECT = ("customcrm-crmoffice.rst", "hubspot-crmoffice.rst")
 
 
-def test_dg_check_defs_passes():
+def project_folder(tmp_path: Path) -> Path:
+    """A folder holding the two project documents."""
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    for name in PROJECT:
+        (folder / name).write_bytes((packaged_spec_path().parent / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("documents", ["packaged", "folder of two"])
+def test_dg_check_defs_passes(tmp_path, documents):
     env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parents[1])}
+    if documents == "folder of two":
+        env |= {"CRM_SYNC_SPEC": str(project_folder(tmp_path)), "CRM_SYNC_DATA_DIR": str(tmp_path)}
     dg_cli = Path(sys.executable).parent / "dg"
     result = subprocess.run(
         [str(dg_cli), "check", "defs"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -32,7 +46,10 @@ def test_dg_check_defs_passes():
 
 def settings_for(spec: Path, tmp_path: Path, skip_unsupported: bool = False) -> Settings:
     return dataclasses.replace(
-        Settings.from_env(), spec_path=spec, data_dir=tmp_path, skip_unsupported=skip_unsupported
+        Settings.from_env(),
+        spec_paths=(spec,),
+        data_dir=tmp_path,
+        skip_unsupported=skip_unsupported,
     )
 
 
@@ -45,7 +62,7 @@ def groups(defs: dg.Definitions) -> dict[str, list[str]]:
 
 
 def test_packaged_document_gives_one_group_per_flow(tmp_path):
-    defs = build_definitions(settings_for(Settings.from_env().spec_path, tmp_path))
+    defs = build_definitions(settings_for(packaged_spec_path(), tmp_path))
     found = groups(defs)
     assert {"contact_to_contacts", "product_to_companies"} <= set(found)
     spec = defs.resolve_asset_graph().get(dg.AssetKey(["contact_to_contacts", "dataflow"]))
@@ -88,3 +105,36 @@ def test_materializing_a_flow_records_its_definition(tmp_path):
         "value": "wd:Q214995",
         "path": "phone_numbers.name",
     }
+
+
+@pytest.mark.parametrize("listed", ["comma-separated", "folder"])
+def test_several_documents_load_together_sharing_snapshots(tmp_path, monkeypatch, listed):
+    """Each document's flows in groups of their own, qualified by the document; the CRMOffice
+    objects both documents sync have one snapshot asset each, read for both."""
+    documents = [packaged_spec_path().parent / name for name in PROJECT]
+    folder = project_folder(tmp_path)
+    setting = ",".join(map(str, documents)) if listed == "comma-separated" else str(folder)
+    monkeypatch.setenv("CRM_SYNC_SPEC", setting)
+    defs = build_definitions(dataclasses.replace(Settings.from_env(), data_dir=tmp_path))
+    found = groups(defs)
+    assert sorted(found["crm_office"]) == ["crm_office/companies", "crm_office/contacts"]
+    flows = sorted(g for g in found if "_to_" in g)
+    assert flows == [
+        "customcrm_crmoffice__contact_to_contacts",
+        "customcrm_crmoffice__product_to_companies",
+        "hubspot_crmoffice__company_to_companies",
+        "hubspot_crmoffice__contact_to_contacts",
+    ]
+    graph = defs.resolve_asset_graph()
+    readers = graph.get(dg.AssetKey(["crm_office", "contacts"])).child_keys
+    assert {k.path[0] for k in readers} >= {
+        "customcrm_crmoffice__contact_to_contacts",
+        "hubspot_crmoffice__contact_to_contacts",
+    }
+    jobs = {j.name for j in defs.resolve_all_job_defs()}
+    assert {f"sync_{f}" for f in flows} | {"sync_all"} <= jobs
+    assert sorted(s.name for s in defs.sensors) == [
+        "crm_office_changes",
+        "custom_crm_changes",
+        "hubspot_changes",
+    ]

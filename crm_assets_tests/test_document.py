@@ -341,3 +341,17 @@ def test_cli_summary_and_error(tmp_path):
     result = run_cli("spec", str(bad))
     assert result.returncode == 2
     assert "bad.rst, line 1:" in result.stderr and "Dataflow" in result.stderr
+
+
+def test_cli_reads_several_documents_with_their_flow_names_qualified():
+    """As ``CRM_SYNC_SPEC`` does with several: the names ``--flow`` then takes."""
+    both = [str(packaged_spec_path()), str(packaged_spec_path().with_name("hubspot-crmoffice.rst"))]
+    result = run_cli("spec", *both)
+    assert result.returncode == 0, result.stderr
+    assert "[customcrm_crmoffice__contact_to_contacts]" in result.stdout
+    assert "[hubspot_crmoffice__contact_to_contacts]" in result.stdout
+    result = run_cli("spec", "--json", *both)
+    assert [d["title"] for d in json.loads(result.stdout)] == [
+        "Custom CRM to CRMOffice Dataflow",
+        "HubSpot to CRMOffice Dataflow",
+    ]

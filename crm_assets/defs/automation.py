@@ -7,7 +7,7 @@ import dagster as dg
 
 from crm_assets.changes import detect_changes, format_cursor, parse_cursor
 from crm_assets.connectors import with_fix
-from crm_assets.defs.sync_assets import FLOW_TAG
+from crm_assets.defs.sync_assets import FLOW_TAG, flow_key
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.objects import SourceObject
 from crm_assets.http import CrmAuthError, CrmError, RetryPolicy
@@ -33,6 +33,9 @@ def build_change_sensor(
             if obj.system_key == system_key and obj not in sources:
                 sources.append(obj)
     system = sources[0].system
+    #: objects several flows read (documents synced together): their edits go on through
+    #: each flow, so a write of one flow starts the others (and the writer, to no effect)
+    shared = [s for s in sources if sum(s in (m.a, m.b) for m in mappings) > 1]
 
     @dg.sensor(
         name=f"{system_key}_changes",
@@ -47,6 +50,8 @@ def build_change_sensor(
         state = context.resources.storage.state()
 
         def own(source: SourceObject, stamped: list[tuple[str, str]]) -> set[str]:
+            if source in shared:  # one flow's write is news to the others reading the object
+                return set()
             pairs = [(record_id, moment) for moment, record_id in stamped]
             return state.own_writes(source.system_key, source.obj, pairs)
 
@@ -105,18 +110,22 @@ def waiting_run(instance: dg.DagsterInstance, flow: str) -> bool:
     return bool(runs)
 
 
-def snapshot_ops_config(full_rescan: bool, mappings: list[FlowMapping]) -> dict:
+def full_sync_config(mappings: list[FlowMapping]) -> dict:
+    """Run config reading every object anew and planning every record of every flow."""
     objs = {tuple(o.asset_path) for m in mappings for o in (m.a, m.b)}
-    return {"ops": {"__".join(o): {"config": {"full_rescan": full_rescan}} for o in sorted(objs)}}
+    ops = {"__".join(o): {"config": {"full_rescan": True}} for o in sorted(objs)}
+    for m in mappings:
+        ops["__".join(flow_key(m, "reconciled").path)] = {"config": {"full_plan": True}}
+    return {"ops": ops}
 
 
 def build_nightly_rescan(mappings: list[FlowMapping], job: Any) -> dg.ScheduleDefinition:
-    """Every night: re-read everything (finds hard deletes), then sync every flow."""
+    """Every night: re-read everything (finds hard deletes), then plan and sync every record."""
     return dg.ScheduleDefinition(
         name="nightly_full_rescan",
         cron_schedule="0 2 * * *",
         job=job,
-        run_config=snapshot_ops_config(True, mappings),
+        run_config=full_sync_config(mappings),
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Full rescan of every object (finds hard deletes), then every flow.",
     )

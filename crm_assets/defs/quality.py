@@ -6,7 +6,6 @@ own, incremental), not the plan.
 """
 
 import json
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,11 +13,11 @@ import dagster as dg
 
 from crm_assets.defs.sync_assets import flow_key, last_write_key, markdown_table
 from crm_assets.engine.checks import CheckOutcome, check_catalog
-from crm_assets.engine.document import DataflowDocument
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.reconcile import FORCE_HINT
 from crm_assets.engine.report import render_qa_report
-from crm_assets.sync import SkippedFlow, named_counts, verify_flow
+from crm_assets.sync import named_counts, verify_flow
+from crm_assets.sync.selection import Selection
 from crm_assets.sync.snapshots import read_snapshot
 
 SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity.WARN}
@@ -96,10 +95,9 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
     return verified
 
 
-def build_qa_report_asset(
-    document: DataflowDocument, mappings: list[FlowMapping], skipped: Sequence[SkippedFlow] = ()
-) -> dg.AssetsDefinition:
-    """The document as a checklist, each row with its result: Markdown in the UI and a file."""
+def build_qa_report_asset(selection: Selection) -> dg.AssetsDefinition:
+    """The documents as a checklist, each row with its result: Markdown in the UI and a file."""
+    mappings, skipped = selection.mappings, selection.flows.skipped
 
     @dg.asset(
         key=QA_REPORT_KEY,
@@ -107,7 +105,7 @@ def build_qa_report_asset(
         deps=[flow_key(m, "verified") for m in mappings],
         kinds={"markdown"},
         required_resource_keys={"storage"},
-        description=f"QA report of '{document.title}': every row of the document with its result.",
+        description=f"QA report of '{selection.title}': every row of the document with its result.",
     )
     def qa_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         storage = context.resources.storage
@@ -116,9 +114,8 @@ def build_qa_report_asset(
             found = storage.flow_dir(m.name).read_text(CHECK_RESULTS)
             if found is not None:
                 results[m.name] = json.loads(found)
-        text = render_qa_report(
-            document, results, datetime.now(UTC), {f.name: f.reason for f in skipped}
-        )
+        now, reasons = datetime.now(UTC), {f.name: f.reason for f in skipped}
+        text = "\n\n".join(render_qa_report(d, results, now, reasons) for d in selection.documents)
         reports = storage.data().child("reports")
         reports.write_text(text, "qa-report.md")
         checks = [r for flow in results.values() for r in flow.values()]

@@ -22,6 +22,7 @@ from crm_assets.sync import (
     WRITE_ORDER,
     FlowWriter,
     WriteResult,
+    confirm_plan,
     map_flow,
     named_counts,
     plan_flow,
@@ -51,6 +52,9 @@ class ReconcileConfig(dg.Config):
     #: document names it); empty: the document's source system
     priority: str = ""
     max_update_share: float = 0.5
+    #: plan every record, not only what changed since the last confirmed run (the nightly
+    #: rescan and `crm-assets sync --full-rescan` set it)
+    full_plan: bool = False
 
 
 def flow_pool(mapping: FlowMapping) -> str:
@@ -227,13 +231,19 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
         )
         try:
             plan = plan_flow(
-                mapping, a, b, storage.state(), options, earlier_runs(context, mapping)
+                mapping,
+                a,
+                b,
+                storage.state(),
+                options,
+                earlier_runs(context, mapping),
+                full=config.full_plan,
             )
         except StateRefused as exc:
             raise dg.Failure(description=str(exc)) from None
         files.save_plan(plan)
         context.log.info(
-            "plan: "
+            f"{plan.scope} plan of {plan.scoped_records} records: "
             + ", ".join(f"{k}={v}" for k, v in named_counts(plan, mapping).items() if v)
             + (f"; blocked: {plan.blocked}" if plan.blocked else "")
         )
@@ -242,6 +252,8 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
                 **named_counts(plan, mapping),
                 "blocked": plan.blocked or "no",
                 "dry_run": config.dry_run,
+                "scope": plan.scope,
+                "records_in_scope": plan.scoped_records,
                 "plan": dg.MetadataValue.md(plan_markdown(plan, mapping)),
             }
         )
@@ -298,8 +310,7 @@ def _writes_asset(
         if first:
             files.save_confirmed(confirmed)
         if last:
-            if not plan.blocked and (plan.rebuild_links or not plan.read_only):
-                state.mark_synced(mapping.name, context.run.run_id)
+            if confirm_plan(state, plan, context.run.run_id):
                 storage.mark_synced(mapping.name, context.run.run_id)
             release_held(context.run.run_id, mapping.name)
         if result.failures:  # the run stays a success; the Runs list and its log say so

@@ -28,9 +28,11 @@ Pure Python on purpose: reading a document must not import Dagster.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +136,16 @@ class Flow:
     merge: tuple[MergeRow, ...]
     properties: tuple[PropertyRow, ...]
     line: int = field(default=0, compare=False)
+    #: the document's own name when several documents are synced together (their flow
+    #: names may collide): it qualifies the flow's name
+    namespace: str = ""
 
     @property
     def name(self) -> str:
-        """A short identifier for asset keys and ``--flow``: ``contact_to_contacts``."""
-        return slug(f"{self.source.entity} to {self.target.entity}")
+        """A short identifier for asset keys and ``--flow``: ``contact_to_contacts``, or
+        ``hubspot_crmoffice__contact_to_contacts`` in a namespace."""
+        own = slug(f"{self.source.entity} to {self.target.entity}")
+        return f"{self.namespace}__{own}" if self.namespace else own
 
     @property
     def enabled_properties(self) -> tuple[PropertyRow, ...]:
@@ -184,6 +191,11 @@ class DataflowDocument:
     flows: tuple[Flow, ...]
     source: str = field(default="document", compare=False)
     warnings: tuple[DocumentWarning, ...] = field(default=(), compare=False)
+
+    def in_namespace(self, namespace: str) -> DataflowDocument:
+        """The document with every flow's name qualified by ``namespace``."""
+        flows = tuple(replace(f, namespace=namespace) for f in self.flows)
+        return replace(self, flows=flows)
 
     def flow(self, name: str) -> Flow:
         """The flow with this name or title."""
@@ -260,6 +272,41 @@ def read_document(path: str | Path) -> DataflowDocument:
     """Read and parse a dataflow document file."""
     path = Path(path)
     return parse_document(path.read_bytes(), source=str(path))
+
+
+class SelectionError(ValueError):
+    """Documents that cannot be synced together (one line naming them)."""
+
+
+def document_files(paths: Sequence[Path]) -> list[Path]:
+    """The files a list of documents and folders names: a folder stands for every ``.rst``
+    in it (sorted, so flows keep their order); a file named twice counts once."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.rst"))
+            if not found:
+                raise FileNotFoundError(errno.ENOENT, "no .rst document in this folder", str(path))
+            files += found
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))
+
+
+def read_documents(paths: Sequence[Path]) -> tuple[DataflowDocument, ...]:
+    """Read several documents to sync together: with more than one, each document's flow
+    names are qualified by its file name, since two documents may both hold, say, a
+    ``contact_to_contacts`` flow; a single document keeps its flows' plain names."""
+    files = document_files(paths)
+    documents = tuple(read_document(f) for f in files)
+    if len(documents) == 1:
+        return documents
+    namespaces: dict[str, Path] = {}
+    for file in files:
+        other = namespaces.setdefault(slug(file.stem), file)
+        if other != file:
+            raise SelectionError(f"{other} and {file} have the same name: rename one")
+    return tuple(d.in_namespace(n) for d, n in zip(documents, namespaces, strict=True))
 
 
 def parse_document(data: bytes | str, source: str = "document") -> DataflowDocument:
@@ -717,6 +764,7 @@ class _Parser:
         )
 
 
-def to_json_text(document: DataflowDocument) -> str:
-    """The ``crm-assets spec --json`` output."""
-    return json.dumps(document.to_json(), indent=2, ensure_ascii=False)
+def to_json_text(documents: Sequence[DataflowDocument]) -> str:
+    """The ``crm-assets spec --json`` output: one document's object, or a list of several."""
+    data = [d.to_json() for d in documents]
+    return json.dumps(data[0] if len(data) == 1 else data, indent=2, ensure_ascii=False)

@@ -6,17 +6,155 @@ the state: the changed records, the records linked to them, and every record
 sharing a merge key with any of these (repeated until nothing new joins, since
 an ambiguous match is decided by all records holding the key). Dead letters and
 deferred records belong in the changed set too, so they are retried.
+
+What changed is told by the snapshots' read sequence (``seq`` in a mapped frame):
+a confirmed plan leaves a :class:`Mark` with the reads it covered, and the next run
+takes the records read since, plus those the state says are unfinished.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 
 import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping
-from crm_assets.engine.state import SyncState
+from crm_assets.engine.state import SyncState, dead_letter_record
+
+#: Links changed this long before a mark count as changed after it: the hosts of one
+#: deployment may disagree on the time by that much (more, and a link written by a host
+#: running behind waits for the nightly full plan).
+CLOCK_MARGIN = timedelta(seconds=60)
+#: An incremental plan pays per record in its scope, a full one per record of the flow:
+#: when more than this share of a flow's records changed (a bulk import, the run after a
+#: first sync), the full plan is the faster of the two...
+FULL_PLAN_SHARE = 0.05
+#: ...in flows of at least this many records (below, either is fast)
+FULL_PLAN_MIN_RECORDS = 10_000
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What the last confirmed plan of a flow covered: the document's rows (a digest),
+    each side's snapshot reads, when it was made, and the records it left ambiguous
+    (a change of one's merge key away from the others settles them all, and the old
+    key is nowhere else to be found)."""
+
+    digest: str
+    a: int
+    b: int
+    at: str  # ISO time of the plan
+    ambiguous: dict[str, list[str]] = field(default_factory=lambda: {"a": [], "b": []})
+
+    @classmethod
+    def after(
+        cls,
+        mapping: FlowMapping,
+        frames: tuple[pl.DataFrame, pl.DataFrame],
+        at: datetime,
+        ambiguous: pl.DataFrame,
+        earlier: tuple[Mark, Scope] | None = None,
+    ) -> Mark:
+        """The mark a plan of the mapped ``frames`` leaves once written: ``ambiguous`` is
+        the plan's (``side, id``); an incremental plan keeps ``earlier`` ambiguous records
+        outside its scope."""
+        found = ambiguous.select("side", pl.col("id").cast(pl.String))
+        if earlier is not None:
+            mark, scope = earlier
+            kept = pl.DataFrame(
+                [(s, i) for s in ("a", "b") for i in mark.ambiguous[s]],
+                schema={"side": pl.String, "id": pl.String},
+                orient="row",
+            )
+            looked_at = pl.concat(
+                [
+                    scope.a.select(pl.lit("a").alias("side"), "id"),
+                    scope.b.select(pl.lit("b").alias("side"), "id"),
+                ]
+            )
+            found = pl.concat([kept.join(looked_at, on=["side", "id"], how="anti"), found])
+        ids = {s: found.filter(pl.col("side") == s).get_column("id").unique().sort() for s in "ab"}
+        return cls(
+            mapping_digest(mapping),
+            *(int(f.get_column("seq").max() or 0) if f.height else 0 for f in frames),
+            at.isoformat(),
+            {s: ids[s].to_list() for s in ids},
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def mapping_digest(mapping: FlowMapping) -> str:
+    """A digest of what the flow maps: a document edit to its rows makes the next plan full."""
+    text = repr((mapping.name, mapping.a, mapping.b, mapping.columns, mapping.merge))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def last_mark(state: SyncState, mapping: FlowMapping) -> Mark | None:
+    """The flow's last confirmed mark, if the document's rows are still those it covered."""
+    text = state.plan_mark(mapping.name)
+    mark = Mark(**json.loads(text)) if text else None
+    return mark if mark is not None and mark.digest == mapping_digest(mapping) else None
+
+
+def changed_since(
+    mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, state: SyncState, mark: Mark
+) -> tuple[pl.Series, pl.Series] | None:
+    """The ids of each side an incremental plan starts from, or ``None`` when a full plan
+    is right (a snapshot older than the mark: it was made anew or replaced) or faster
+    (:data:`FULL_PLAN_SHARE`).
+
+    Besides the records read since the mark: the records of links written since, those
+    the mark left ambiguous, those of open dead letters and pending creates (retried),
+    records waiting on a reference, and records whose reference points at a link the
+    referenced flow made or changed since the mark.
+    """
+    frames = {"a": a, "b": b}
+    if any(
+        frames[s].height and int(frames[s].get_column("seq").max() or 0) < getattr(mark, s)
+        for s in frames
+    ):
+        return None
+    since = datetime.fromisoformat(mark.at) - CLOCK_MARGIN
+    refs = [c.name for c in mapping.columns if c.reference]
+    touched = pl.concat(
+        [pl.Series("id", [], pl.String)]
+        + [state.links_changed_since(ref, since) for ref in mapping.references]
+    )
+    extra = {side: list(mark.ambiguous[side]) for side in ("a", "b")}
+    # the links the last run made, rebased or tombstoned: its writes are checked once more
+    # (a record it created and someone deleted before the next read is never read at all)
+    extra["a"] += state.links_changed_since(mapping.name, since).to_list()
+    letters = state.dead_letters(mapping.name)
+    for side, record_id, action in letters.select("side", "record_id", "action").iter_rows():
+        record_side, rid = dead_letter_record(side, record_id, action)
+        extra[record_side].append(rid)
+    pending = state.pending_creates(mapping.name)
+    for side, source_id in pending.select("side", "source_id").iter_rows():
+        extra["b" if side == "a" else "a"].append(source_id)
+    ids = []
+    for side, frame in frames.items():
+        since_mark = pl.col("seq") > getattr(mark, side)
+        waiting = pl.col("unresolved") | pl.any_horizontal(
+            [pl.col(c).is_in(touched.implode()) for c in refs] or [pl.lit(False)]
+        )
+        ids.append(
+            pl.concat(
+                [
+                    frame.filter(since_mark | waiting).get_column("id"),
+                    pl.Series("id", extra[side], pl.String),
+                ]
+            ).unique()
+        )
+    records = a.height + b.height
+    if records >= FULL_PLAN_MIN_RECORDS and ids[0].len() + ids[1].len() > FULL_PLAN_SHARE * records:
+        return None
+    return ids[0], ids[1]
 
 
 @dataclass(frozen=True)
@@ -30,7 +168,9 @@ class Scope:
 
 def upsert_rows(frame: pl.DataFrame, changed: pl.DataFrame) -> pl.DataFrame:
     """A mapped frame with the changed records' rows replaced (or added)."""
-    return pl.concat([frame.join(changed.select("id"), on="id", how="anti"), changed])
+    return pl.concat(
+        [frame.filter(~pl.col("id").is_in(changed.get_column("id").implode())), changed]
+    )
 
 
 def changed_scope(

@@ -18,7 +18,7 @@ import polars as pl
 
 from crm_assets.engine.document import DataflowDocument, Endpoint, Flow
 from crm_assets.engine.objects import SourceObject
-from crm_assets.engine.snapshot import DELETED, ERROR, FIELD_DTYPES
+from crm_assets.engine.snapshot import DELETED, ERROR, FIELD_DTYPES, SEQ
 
 #: canonical dtype per document data type (``None`` is N/A: compared as text)
 CANONICAL: dict[str | None, pl.DataType] = {
@@ -238,6 +238,7 @@ def map_side(
         pl.col(obj.created_field).alias("created"),
         pl.col(obj.version_field).cast(pl.String).alias("version"),
         pl.col(DELETED).alias("deleted"),
+        (pl.col(SEQ) if SEQ in snapshot.columns else pl.lit(0, dtype=pl.Int64)).alias("seq"),
     ]
     checks = []
     unresolved: list[pl.Expr] = []

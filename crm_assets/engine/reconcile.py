@@ -91,6 +91,22 @@ class Plan:
     read_only: bool = False
     #: a run that only rebuilds lost links: new links are saved, nothing is written
     rebuild_links: bool = False
+    #: "full" (every record) or "incremental" (what changed since the last confirmed run)
+    scope: str = "full"
+    #: how many records (both sides) the plan looked at
+    scoped_records: int = 0
+    #: what the plan read (a :class:`crm_assets.engine.incremental.Mark` as JSON): saved as
+    #: the flow's mark once its writes are done, so the next run starts from it
+    mark: str | None = None
+
+
+@dataclass(frozen=True)
+class Whole:
+    """The whole flow's counts when a reconcile sees an incremental scope: the breaker
+    judges shares of the whole flow, not of the scope."""
+
+    links: int
+    held: dict[str, int]
 
 
 def _empty_ids(*names: str) -> pl.DataFrame:
@@ -105,6 +121,7 @@ def reconcile_flow(
     options: ReconcileOptions | None = None,
     pending_creates: pl.DataFrame | None = None,
     gone_references: Mapping[str, pl.Series] | None = None,
+    whole: Whole | None = None,
 ) -> Plan:
     """The plan for one flow.
 
@@ -114,12 +131,14 @@ def reconcile_flow(
     call and the state commit): their records are matched on all mapped values
     too, so a create that landed is linked instead of made twice. ``gone_references``:
     per reference column, the canonical values whose referenced record was deleted (its
-    link in the referenced flow is tombstoned).
+    link in the referenced flow is tombstoned). ``whole``: the flow's counts when ``a``,
+    ``b`` and ``links`` are an incremental scope of it.
     """
     options = options or ReconcileOptions()
     cols = mapping.names
     base_dtypes = {c: links.schema[f"base.{c}"] for c in cols}
-    held = {"a": _live(a), "b": _live(b)}
+    held = whole.held if whole else {"a": live_count(a), "b": live_count(b)}
+    scoped = a.height + b.height
     a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
     b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
 
@@ -413,7 +432,8 @@ def reconcile_flow(
             copies,
         ]
     )
-    linked_count = {"a": known.height, "b": known.height}
+    total = whole.links if whole else known.height
+    linked_count = {"a": total, "b": total}
     plan = Plan(
         flow=mapping.name,
         columns=cols,
@@ -429,13 +449,15 @@ def reconcile_flow(
         copies=copies_df,
         read_only=options.mode == "read_only" or options.rebuild_links,
         rebuild_links=options.rebuild_links,
+        scope="incremental" if whole else "full",
+        scoped_records=scoped,
     )
     plan.counts = plan_counts(plan)
     plan.blocked = _breaker(plan, linked_count, options, mapping, held)
     return plan
 
 
-def _live(frame: pl.DataFrame) -> int:
+def live_count(frame: pl.DataFrame) -> int:
     """How many records of a mapped frame exist (not deleted)."""
     return frame.height - int(frame.get_column("deleted").fill_null(False).sum())
 

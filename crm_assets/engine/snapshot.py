@@ -5,11 +5,14 @@ A snapshot holds every record seen, one row per id, with the record's fields
 and a ``_deleted`` flag: soft deletes as the API reports them, hard deletes as
 a full rescan finds them. Its cursor is derived from the data itself (the
 newest modification time), so a snapshot and its cursor can never disagree.
+Each row also carries ``_seq``, the read that last changed it, so a run can plan
+only the records changed since the last one it confirmed.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +26,9 @@ from crm_assets.engine.storage import Storage
 DELETED = "_deleted"
 #: why a record could not be read as its object's fields say (null: it could)
 ERROR = "_error"
+#: the read that last changed a row: it only grows (a snapshot made anew starts above any
+#: earlier one's, from the clock), so "changed since read N" is ``_seq > N``
+SEQ = "_seq"
 
 #: polars dtype per field kind of the connectors' field lists
 FIELD_DTYPES: dict[str, pl.DataType] = {
@@ -185,37 +191,48 @@ def merge_snapshot(
     )
     if previous is None:
         previous = fetched.clear()
+    if SEQ not in previous.columns:  # a snapshot from before reads were numbered
+        previous = previous.with_columns(pl.lit(0, dtype=pl.Int64).alias(SEQ))
+    this_read = pl.lit(
+        max(int(previous.get_column(SEQ).max() or 0) + 1, time.time_ns() // 1000), dtype=pl.Int64
+    )
     missing = [c for c in fetched.columns if c not in previous.columns]  # an older snapshot
-    previous = (
-        previous.with_columns(pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing)
-        .select(fetched.columns)
-        .cast(fetched.schema, strict=False)
-    )
-    joined = fetched.join(previous, on=id_field, how="left", suffix="__prev")
+    wanted = {**fetched.schema, SEQ: pl.Int64()}
+    previous = previous.with_columns(
+        pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing
+    ).select(list(wanted))
+    if previous.schema != wanted:  # a million rows are cast only when a type changed
+        previous = previous.cast(wanted, strict=False)
+    joined = fetched.join(previous, on=id_field, how="left", suffix="__prev", maintain_order="left")
     is_new = pl.col(f"{DELETED}__prev").is_null()
-    new = joined.filter(is_new & ~pl.col(DELETED)).height
-    changed_rows = joined.filter(
-        ~is_new
-        & (
-            (pl.col(modified) != pl.col(f"{modified}__prev")).fill_null(True)
-            | (pl.col(DELETED) != pl.col(f"{DELETED}__prev"))
-        )
+    differs = ~is_new & (
+        (pl.col(modified) != pl.col(f"{modified}__prev")).fill_null(True)
+        | (pl.col(DELETED) != pl.col(f"{DELETED}__prev"))
     )
+    new = joined.filter(is_new & ~pl.col(DELETED)).height
+    changed_rows = joined.filter(differs)
     soft_deleted = changed_rows.filter(pl.col(DELETED) & ~pl.col(f"{DELETED}__prev")).height
     changed = changed_rows.height - soft_deleted
-    keep_previous = previous.join(fetched.select(id_field), on=id_field, how="anti")
+    # a record read again unchanged (the overlap window) keeps the read that changed it
+    fetched = joined.select(
+        *fetched.columns, pl.when(is_new | differs).then(this_read).otherwise(SEQ).alias(SEQ)
+    )
+    # a filter, not an anti-join: that would hash the million rows kept to drop a few
+    keep_previous = previous.filter(~pl.col(id_field).is_in(fetched.get_column(id_field).implode()))
     if full_rescan:
         vanished = keep_previous.filter(~pl.col(DELETED))
         keep_previous = pl.concat(
             [
                 keep_previous.filter(pl.col(DELETED)),
-                vanished.with_columns(pl.lit(True).alias(DELETED)),
+                vanished.with_columns(pl.lit(True).alias(DELETED), this_read.alias(SEQ)),
             ]
         )
         hard_deleted = vanished.height
     else:
         hard_deleted = 0
-    merged = pl.concat([keep_previous, fetched]).sort([modified, id_field], nulls_last=False)
+    # kept rows stay in their order, fetched ones follow (sorted by modification): no sort
+    # of the whole snapshot per read
+    merged = pl.concat([keep_previous, fetched])
     return SnapshotChange(
         frame=merged,
         new=new,

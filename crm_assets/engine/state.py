@@ -53,6 +53,8 @@ links = sa.Table(
     sa.Column("base", sa.Text, nullable=True),  # JSON of canonical values; null: no base yet
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("flow", "b_id", name="uq_links_flow_b"),
+    # an incremental plan reads the links changed since the last one (links_changed_since)
+    sa.Index("ix_links_flow_updated", "flow", "updated_at"),
 )
 
 intents = sa.Table(
@@ -323,6 +325,8 @@ class SyncState:
     def _migrate(self) -> None:
         with self.engine.begin() as conn:
             metadata.create_all(conn)
+            for index in links.indexes:  # added since: create_all passes over existing tables
+                index.create(conn, checkfirst=True)
             found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
             if found is None:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
@@ -365,8 +369,9 @@ class SyncState:
                 conn.execute(flows.insert().values(flow=flow, enabled_at=found))
         return found if found.tzinfo else found.replace(tzinfo=UTC)
 
-    def mark_synced(self, flow: str, run_id: str) -> None:
-        """Record that a sync of the flow wrote everything it planned (its state is real)."""
+    def mark_synced(self, flow: str, run_id: str, plan_mark: str | None = None) -> None:
+        """Record that a sync of the flow wrote everything it planned (its state is real);
+        ``plan_mark``: what that plan read (the next plan starts from it)."""
         at = now()
         row = {
             "flow": flow,
@@ -382,6 +387,13 @@ class SyncState:
             )
             if done.rowcount == 0:
                 conn.execute(flow_syncs.insert().values(**row))
+            if plan_mark is not None:
+                mark = {"name": _plan_mark_cursor(flow), "value": plan_mark}
+                self._upsert(conn, cursors, [mark], ("name",))
+
+    def plan_mark(self, flow: str) -> str | None:
+        """What the flow's last confirmed plan read, as :meth:`mark_synced` recorded it."""
+        return self.cursor(_plan_mark_cursor(flow))
 
     def synced(self, flow: str) -> bool:
         """Whether a sync of the flow ever completed against this state database."""
@@ -855,6 +867,22 @@ class SyncState:
             values = sorted(conn.execute(query).scalars())
         return significant(statistics.median(values)) if values else 0.0
 
+    def link_count(self, flow: str) -> int:
+        """How many links the flow has, tombstoned ones included (the breaker's whole)."""
+        query = sa.select(sa.func.count()).select_from(links).where(links.c.flow == flow)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    def tombstoned(self, flow: str) -> pl.Series:
+        """``a_id`` of the flow's tombstoned links (records deleted on one side)."""
+        query = sa.select(links.c.a_id).where(links.c.flow == flow, links.c.tombstoned)
+        return self.frame(query, {"a_id": pl.String}).get_column("a_id")
+
+    def links_changed_since(self, flow: str, at: datetime) -> pl.Series:
+        """``a_id`` of the flow's links made, rebased or tombstoned since ``at``."""
+        query = sa.select(links.c.a_id).where(links.c.flow == flow, links.c.updated_at >= at)
+        return self.frame(query, {"a_id": pl.String}).get_column("a_id")
+
     # -- cursors -------------------------------------------------------------------------------
     def cursor(self, name: str) -> str | None:
         with self.engine.connect() as conn:
@@ -863,6 +891,24 @@ class SyncState:
     def set_cursor(self, name: str, value: str) -> None:
         with self.engine.begin() as conn:
             self._upsert(conn, cursors, [{"name": name, "value": value}], ("name",))
+
+
+#: Dead letters of these actions name the record written to; the others (create, read)
+#: name their source record as ``<side>:<id>``.
+UPDATE_ACTIONS = ("update", "delete")
+
+
+def dead_letter_record(side: str, record_id: str, action: str) -> tuple[str, str]:
+    """``(side, id)`` of the record a dead letter is about: the written record for an
+    update, the source record (``a:<id>``) for a create or a read."""
+    head, sep, rest = record_id.partition(":")
+    if action not in UPDATE_ACTIONS and sep and head in ("a", "b"):
+        return head, rest
+    return side, record_id
+
+
+def _plan_mark_cursor(flow: str) -> str:
+    return f"plan_mark/{flow}"
 
 
 def _utc(value: datetime) -> datetime:

@@ -86,6 +86,9 @@ class FlowFiles:
             "rebuild_links": plan.rebuild_links,
             # its own time, not the object's: an S3 object's time has whole seconds only
             "made_at": time.time(),
+            "scope": plan.scope,
+            "scoped_records": plan.scoped_records,
+            "mark": plan.mark,
         }
         folder.write_parquet(
             pl.DataFrame([{**meta, "columns": plan.columns, "counts": [plan.counts]}]),
@@ -120,6 +123,9 @@ class FlowFiles:
             blocked=meta["blocked"],
             read_only=meta["read_only"],
             rebuild_links=meta["rebuild_links"],
+            scope=meta["scope"],
+            scoped_records=meta["scoped_records"],
+            mark=meta["mark"],
             **parts,
         )
 

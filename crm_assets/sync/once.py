@@ -12,7 +12,13 @@ from crm_assets.engine.reconcile import Plan, ReconcileOptions
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.sync.guard import refresh_if_stale, take_flow
-from crm_assets.sync.planning import WRITE_ORDER, map_flow, plan_flow, reference_links
+from crm_assets.sync.planning import (
+    WRITE_ORDER,
+    confirm_plan,
+    map_flow,
+    plan_flow,
+    reference_links,
+)
 from crm_assets.sync.snapshots import read_snapshot
 from crm_assets.sync.writing import FlowWriter, WriteResult, new_run_id
 
@@ -56,15 +62,14 @@ def sync_once(
             )
             refs = reference_links(state, mapping)
             a, b = map_flow(mapping, store, refs)
-            plan = plan_flow(mapping, a, b, state, options)
+            plan = plan_flow(mapping, a, b, state, options, full=full_rescan)
             results: dict[str, WriteResult] = {}
             confirmed: set[str] | None = None
             for side in WRITE_ORDER:
                 client = clients[mapping.side(side).system_key]
                 writer = FlowWriter(mapping, plan, state, store, client, side, run_id, refs)
                 results[side], confirmed = writer.run(confirmed)
-            if not plan.blocked and (plan.rebuild_links or not plan.read_only):
-                state.mark_synced(mapping.name, run_id)
+            confirm_plan(state, plan, run_id)
         finally:
             release_held(run_id, mapping.name)
         runs[mapping.name] = FlowRun(plan, results)

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
 
 from crm_assets.connectors import UnsupportedFlow, resolve_endpoint
 from crm_assets.engine.document import DataflowDocument, Endpoint, Flow
+from crm_assets.engine.incremental import (
+    Mark,
+    Scope,
+    changed_scope,
+    changed_since,
+    last_mark,
+)
 from crm_assets.engine.mapping import FlowMapping, build_flow_mapping, map_side
 from crm_assets.engine.objects import SourceObject
-from crm_assets.engine.reconcile import Plan, ReconcileOptions, reconcile_flow
+from crm_assets.engine.reconcile import Plan, ReconcileOptions, Whole, live_count, reconcile_flow
 from crm_assets.engine.snapshot import SnapshotStore, schema
 from crm_assets.engine.state import SyncState
 
@@ -112,11 +120,7 @@ def map_flow(
 
 def gone_references(state: SyncState, mapping: FlowMapping) -> dict[str, pl.Series]:
     """Per reference column, the canonical values whose record was deleted (tombstoned)."""
-    return {
-        c.name: state.links(c.reference, {}).filter(pl.col("tombstoned")).get_column("a_id")
-        for c in mapping.columns
-        if c.reference
-    }
+    return {c.name: state.tombstoned(c.reference) for c in mapping.columns if c.reference}
 
 
 class StateRefused(RuntimeError):
@@ -130,8 +134,12 @@ def plan_flow(
     state: SyncState,
     options: ReconcileOptions | None = None,
     earlier_runs: str | None = None,
+    full: bool = False,
 ) -> Plan:
     """The plan of one flow from its mapped frames and the state database.
+
+    After a confirmed run of the same document rows, only what changed since is
+    planned (:mod:`crm_assets.engine.incremental`); ``full`` plans every record.
 
     A flow with no link and no completed sync in this state, while ``earlier_runs``
     (what the caller knows: a data directory or Dagster instance that saw syncs of
@@ -140,19 +148,26 @@ def plan_flow(
     plan for a read-only one.
     """
     options = options or ReconcileOptions()
+    started = datetime.now(UTC)
     if options.mode == "limited" and options.enabled_at is None:
         options = replace(options, enabled_at=state.enabled_at(mapping.name))
     offsets = (state.clock_offset(mapping.a.system_key), state.clock_offset(mapping.b.system_key))
     options = replace(options, clock_offsets=offsets)
-    links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
+    mark = None if full or options.rebuild_links else last_mark(state, mapping)
+    changed = changed_since(mapping, a, b, state, mark) if mark else None
+    whole, earlier = None, None
+    if mark is None or changed is None:
+        links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
+        scope = Scope(a, b, links)
+    else:
+        whole = Whole(state.link_count(mapping.name), {"a": live_count(a), "b": live_count(b)})
+        scope = changed_scope(mapping, a, b, state, *changed)
+        links, earlier = scope.links, (mark, scope)
     pending = state.pending_creates(mapping.name)
-    gone = {
-        c.name: state.links(c.reference, {}).filter(pl.col("tombstoned")).get_column("a_id")
-        for c in mapping.columns
-        if c.reference
-    }
-    plan = reconcile_flow(mapping, a, b, links, options, pending, gone)
-    if links.height or options.rebuild_links or state.synced(mapping.name):
+    gone = gone_references(state, mapping)
+    plan = reconcile_flow(mapping, scope.a, scope.b, links, options, pending, gone, whole)
+    plan.mark = Mark.after(mapping, (a, b), started, plan.ambiguous, earlier).to_json()
+    if links.height or whole or options.rebuild_links or state.synced(mapping.name):
         return plan
     if plan.blocked and not mapping.merge:  # the breaker says what a first sync lacks
         return plan
@@ -186,3 +201,13 @@ def named_counts(plan: Plan | Mapping[str, Any], mapping: FlowMapping) -> dict[s
             key = f"{head}_in_{mapping.side(side).system_key}"
         out[key] = int(value)
     return out
+
+
+def confirm_plan(state: SyncState, plan: Plan, run_id: str) -> bool:
+    """After a plan's last writes: the flow's state is real (a lost one is told from a
+    new one), and a written plan's mark is where the flow's next plan starts. False
+    when the plan changed nothing (blocked, or a dry run)."""
+    if plan.blocked or (plan.read_only and not plan.rebuild_links):
+        return False
+    state.mark_synced(plan.flow, run_id, None if plan.read_only else plan.mark)
+    return True

@@ -27,13 +27,10 @@ from crm_assets.engine.checks import unlinked
 from crm_assets.engine.mapping import FlowMapping, to_side
 from crm_assets.engine.reconcile import ReconcileOptions, other
 from crm_assets.engine.snapshot import SnapshotStore
-from crm_assets.engine.state import SyncState
+from crm_assets.engine.state import UPDATE_ACTIONS, SyncState, dead_letter_record
 from crm_assets.sync.planning import map_flow, plan_flow, reference_links
 
 SIDES = ("a", "b")
-
-#: Actions whose dead letter names the source record (``a:<id>``), in the other CRM.
-_UPDATE_ACTIONS = ("update", "delete")
 
 #: The reasons an unlinked record gives (``N candidates`` for an ambiguous match).
 NO_MATCH = "no match"
@@ -106,18 +103,9 @@ def conflicts_table(state: SyncState, mapping: FlowMapping, limit: int = 200) ->
 
 
 # -- dead letters --------------------------------------------------------------------------------
-def _record_of(mapping: FlowMapping, side: str, record_id: str, action: str) -> tuple[str, str]:
-    """``(side, id)`` of the record a dead letter is about: the written record for an
-    update, the source record (``a:<id>``) for a create."""
-    head, sep, rest = record_id.partition(":")
-    if action not in _UPDATE_ACTIONS and sep and head in SIDES:
-        return head, rest
-    return side, record_id
-
-
 def letter_id(mapping: FlowMapping, side: str, record_id: str, action: str) -> str:
     """A dead letter's id for the CLI: ``<CRM written to>:<record>:<action>``."""
-    record_side, rid = _record_of(mapping, side, record_id, action)
+    record_side, rid = dead_letter_record(side, record_id, action)
     record = rid if record_side == side else f"{mapping.side(record_side).system_key}:{rid}"
     return f"{mapping.side(side).system_key}:{record}:{action}"
 
@@ -126,7 +114,7 @@ def _letters(state: SyncState, mapping: FlowMapping) -> pl.DataFrame:
     """The open dead letters with their CLI id and their record's side and id."""
     letters = state.dead_letter_records(mapping.name)
     rows = [
-        (letter_id(mapping, s, r, act), *_record_of(mapping, s, r, act))
+        (letter_id(mapping, s, r, act), *dead_letter_record(s, r, act))
         for s, r, act in letters.select("side", "record_id", "action").iter_rows()
     ]
     ids = pl.DataFrame(
@@ -274,7 +262,9 @@ def _reasons(
     refs: dict[str, pl.DataFrame],
 ) -> pl.DataFrame:
     """Why records are unlinked, most telling first: ``side, id, reason, detail, rank``."""
-    plan = plan_flow(mapping, mapped["a"], mapped["b"], state, ReconcileOptions(mode="read_only"))
+    plan = plan_flow(
+        mapping, mapped["a"], mapped["b"], state, ReconcileOptions(mode="read_only"), full=True
+    )
     names = {"a": mapping.a.system, "b": mapping.b.system}
     parts: list[pl.DataFrame] = []
     # ambiguous: two or more candidates, or one candidate that matches others too
@@ -308,7 +298,7 @@ def _reasons(
             )
         )
     # failed: a create or a read that went to the dead letters, or a value that cannot convert
-    letters = _letters(state, mapping).filter(~pl.col("action").is_in(_UPDATE_ACTIONS))
+    letters = _letters(state, mapping).filter(~pl.col("action").is_in(UPDATE_ACTIONS))
     parts.append(
         letters.select(
             pl.col("record_side").alias("side"),

@@ -50,7 +50,7 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
     a, b = map_flow(mapping, store, refs)
     mapped = {"a": a, "b": b}
     links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
-    plan = plan_flow(mapping, a, b, state, ReconcileOptions(mode="read_only"))
+    plan = plan_flow(mapping, a, b, state, ReconcileOptions(mode="read_only"), full=True)
     checks = flow_checks(
         mapping,
         mapped,

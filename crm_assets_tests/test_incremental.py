@@ -1,0 +1,129 @@
+"""Incremental runs through the public entry point (``crm-assets sync``, the Dagster job),
+against both embedded CRMs: after a confirmed run, a run plans only what changed since;
+a full rescan, an edited document or lost snapshots never let it miss anything."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SyncWorld
+
+from crm_assets.engine import incremental
+from crm_assets.headless import SyncOutcome, execute_sync
+
+CONTACTS = 12
+
+
+def sync(**kwargs: Any) -> SyncOutcome:
+    outcome = execute_sync(**kwargs)
+    assert outcome.success, outcome.failures
+    return outcome
+
+
+def plan_of(outcome: SyncOutcome, flow: str) -> tuple[str, int]:
+    """The plan's kind and how many records it looked at, as its metadata tells them."""
+    meta = outcome.of(f"{flow}/reconciled")
+    return str(meta["scope"]), int(meta["records_in_scope"])
+
+
+def written(outcome: SyncOutcome, flow: str) -> int:
+    return sum(
+        int(meta["created"]) + int(meta["updated"])
+        for asset, meta in outcome.metadata.items()
+        if asset.startswith(f"{flow}/writes_to_")
+    )
+
+
+def seeded(world: SyncWorld) -> list[dict[str, Any]]:
+    """A dozen contacts on Custom CRM, synced until quiet; CRMOffice's copies."""
+    with world.custom_client() as a:
+        for i in range(CONTACTS):
+            a.create("contacts", {"Email": f"p{i}@example.com", "FirstName": f"P{i}"})
+    first = sync()
+    assert plan_of(first, world.contacts) == ("full", CONTACTS)  # nothing confirmed yet
+    sync()  # reads back the copies it made
+    with world.office_client() as b:
+        copies = [r for page in b.pages("contacts") for r in page]
+    assert len(copies) == CONTACTS
+    return copies
+
+
+def test_a_run_after_a_confirmed_one_plans_only_the_edited_pair(
+    either_world: SyncWorld, monkeypatch: pytest.MonkeyPatch
+):
+    copies = seeded(either_world)
+    quiet = sync()
+    # links written in the minute before the last plan are looked at again (hosts' clocks
+    # may differ): here, those of the first sync, and nothing is written
+    kind, looked_at = plan_of(quiet, either_world.contacts)
+    assert kind == "incremental" and looked_at <= 2 * CONTACTS
+    assert written(quiet, either_world.contacts) == 0
+    # one host, runs one after another: without that margin, a quiet run looks at nothing
+    monkeypatch.setattr(incremental, "CLOCK_MARGIN", timedelta(0))
+    assert plan_of(sync(), either_world.contacts) == ("incremental", 0)
+    edited = copies[3]
+    with either_world.office_client() as b:
+        b.replace("contacts", edited["id"], {**edited, "title": "Chief Tester"})
+    outcome = sync()
+    assert plan_of(outcome, either_world.contacts) == ("incremental", 2)  # the edit, its pair
+    with either_world.custom_client() as a:
+        titles = {r["Email"]: r["Title"] for page in a.pages("contacts") for r in page}
+    assert titles[edited["email"]] == "Chief Tester"
+    assert sum(t == "Chief Tester" for t in titles.values()) == 1
+
+
+def test_a_full_rescan_plans_everything(either_world: SyncWorld):
+    seeded(either_world)
+    outcome = sync(full_rescan=True)
+    assert plan_of(outcome, either_world.contacts) == ("full", 2 * CONTACTS)
+    assert written(outcome, either_world.contacts) == 0
+
+
+def without_row(document: Path, field: str, out: Path) -> Path:
+    """A copy of the document without the property rows naming ``field``."""
+    lines = document.read_text().splitlines(keepends=True)
+    kept: list[str] = []
+    row: list[str] = []
+    for line in [*lines, ""]:
+        if line.startswith("   * - ") or not line.startswith("     - "):
+            if not any(f"- {field}\n" in r for r in row):
+                kept += row
+            row = []
+        (row if line.startswith(("   * - ", "     - ")) else kept).append(line)
+    out.write_text("".join(kept))
+    return out
+
+
+def test_an_edited_document_plans_everything_again(
+    either_world: SyncWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    copies = seeded(either_world)
+    edited = without_row(either_world.document, "directPhone", tmp_path / "edited.rst")
+    assert "directPhone" not in edited.read_text()
+    monkeypatch.setenv("CRM_SYNC_SPEC", str(edited))
+    with either_world.office_client() as b:
+        b.replace("contacts", copies[0]["id"], {**copies[0], "givenName": "Renamed"})
+    outcome = sync()
+    assert plan_of(outcome, either_world.contacts) == ("full", 2 * CONTACTS)
+    assert plan_of(sync(), either_world.contacts)[0] == "incremental"
+    with either_world.custom_client() as a:
+        names = {r["Email"]: r["FirstName"] for page in a.pages("contacts") for r in page}
+    assert names[copies[0]["email"]] == "Renamed"
+
+
+def test_lost_snapshots_are_read_anew_and_nothing_is_made_twice(either_world: SyncWorld):
+    copies = seeded(either_world)
+    shutil.rmtree(either_world.data_dir / "snapshots")
+    with either_world.custom_client() as a:
+        a.create("contacts", {"Email": "late@example.com", "FirstName": "Late"})
+    outcome = sync()
+    # every record read anew counts as changed: the plan looks at all of them
+    assert plan_of(outcome, either_world.contacts)[1] == 2 * CONTACTS + 1
+    assert written(outcome, either_world.contacts) == 1  # only the new contact's copy
+    with either_world.office_client() as b:
+        emails = sorted(r["email"] for page in b.pages("contacts") for r in page)
+    assert emails == sorted([c["email"] for c in copies] + ["late@example.com"])
