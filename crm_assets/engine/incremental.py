@@ -205,7 +205,8 @@ def changed_scope(
                 sharing = frames[side].filter(pl.col(key).is_in(values.implode())).get_column("id")
                 grown[side] = pl.concat([grown[side], sharing]).unique()
         if all(grown[s].len() == ids[s].len() for s in ("a", "b")):
-            break
+            # nothing joined: this round's rows are the scope's (no further pass over all)
+            return Scope(a=rows["a"], b=rows["b"], links=links)
         new_a = grown["a"].filter(~grown["a"].is_in(ids["a"].implode()))
         new_b = grown["b"].filter(~grown["b"].is_in(ids["b"].implode()))
         ids = grown
