@@ -71,6 +71,9 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 #: the state database keeps one writer per flow whatever an instance says.
 DAGSTER_YAML = """\
 # written by `crm-assets demo` on every start
+run_launcher:  # each run forked from a process that loaded Dagster and the project once
+  module: crm_assets.defs.launcher
+  class: WarmRunLauncher
 run_coordinator:  # the queue is read every second (default 5): a queued sync starts sooner
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
