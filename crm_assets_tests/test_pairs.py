@@ -29,6 +29,9 @@ from crm_assets.engine.state import SyncState
 from crm_assets.headless import SyncOutcome, execute_sync
 from crm_assets.sync import flow_mappings
 
+#: 27 tests, each with two to four real syncs: about two and a half minutes on two cores.
+pytestmark = pytest.mark.slow
+
 #: The canonical contact fields every pair's document maps (e-mail is the merge key).
 EMAIL, FIRST, LAST, MOBILE = "email", "first_name", "last_name", "mobile"
 
@@ -160,6 +163,10 @@ class PairWorld:
     def target(self) -> str:
         return self.pair.systems[1]
 
+    def side(self, which: str) -> str:
+        """The CRM on the document's ``source`` or ``target`` side."""
+        return self.source if which == "source" else self.target
+
     def other(self, system: str) -> str:
         return self.target if system == self.source else self.source
 
@@ -184,6 +191,10 @@ class PairWorld:
         crm = CRMS[system]
         with self.clients[system]() as client:
             crm.edit_call(client, record_id, crm.native(values))
+
+    def delete(self, system: str, record_id: str) -> None:
+        with self.clients[system]() as client:
+            client.delete("contacts", record_id)
 
     def people(self, system: str) -> list[dict[str, Any]]:
         """Every live contact, in canonical fields."""
@@ -229,8 +240,8 @@ def pair_world(request: pytest.FixtureRequest) -> Iterator[PairWorld]:
     yield make(request, pair)
 
 
-def sync() -> SyncOutcome:
-    outcome = execute_sync()
+def sync(*, full_rescan: bool = False) -> SyncOutcome:
+    outcome = execute_sync(full_rescan=full_rescan)
     assert outcome.success, outcome.failures
     return outcome
 
@@ -276,20 +287,49 @@ def test_first_sync_links_on_email_creates_the_rest_and_a_second_writes_nothing(
 
 @pytest.mark.parametrize("side", ["source", "target"])
 def test_an_edit_on_either_side_reaches_the_other(pair_world: PairWorld, side: str):
+    """A changed field and a cleared one (HubSpot clears with an empty string) both cross."""
     w = pair_world
-    w.create(w.source, email="anne@example.com", first_name="Anne", last_name="Lie")
+    w.create(w.source, email="anne@example.com", first_name="Anne", mobile="+47 900 00 000")
     sync()
-    editor = w.source if side == "source" else w.target
+    editor = w.side(side)
     other = w.other(editor)
     anne = w.by_email(editor)["anne@example.com"]
-    w.edit(editor, anne["id"], last_name="Berg", mobile="+47 900 00 000")
+    w.edit(editor, anne["id"], last_name="Berg", mobile=None)
 
     outcome = sync()
     assert writes(outcome, w.contacts) == {editor: 0, other: 1}
     for system in (editor, other):
         anne = w.by_email(system)["anne@example.com"]
-        assert (anne[FIRST], anne[LAST], anne[MOBILE]) == ("Anne", "Berg", "+47 900 00 000")
+        assert (anne[FIRST], anne[LAST]) == ("Anne", "Berg")
+        assert anne[MOBILE] in (None, ""), system
     assert quiet(w, sync())  # no echo
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_a_contact_deleted_on_either_side_is_not_recreated(pair_world: PairWorld, side: str):
+    """The link is tombstoned: the survivor stays, and its later edits bring nothing back.
+
+    CRMOffice and HubSpot delete for good (HubSpot archives, and its search does not list
+    archived records): a full rescan is what finds such a delete (DESIGN section 6)."""
+    w = pair_world
+    w.create(w.source, email="gone@example.com", first_name="Gone")
+    sync()
+    deleter = w.side(side)
+    survivor = w.other(deleter)
+    w.delete(deleter, w.by_email(deleter)["gone@example.com"]["id"])
+
+    outcome = sync(full_rescan=True)
+    assert sum(
+        int(meta["tombstoned"])
+        for asset, meta in outcome.metadata.items()
+        if asset.startswith(f"{w.contacts}/writes_to_")
+    ), outcome.metadata
+    kept = w.by_email(survivor)["gone@example.com"]
+    w.edit(survivor, kept["id"], last_name="Still here")
+    sync()
+    assert "gone@example.com" not in w.by_email(deleter)
+    assert w.by_email(survivor)["gone@example.com"][LAST] == "Still here"
+    assert w.state().dead_letters(w.contacts).height == 0
 
 
 @pytest.mark.parametrize("newer", ["source", "target"])
@@ -299,7 +339,7 @@ def test_both_sides_edit_one_field_the_newer_wins_and_the_conflict_is_audited(
     w = pair_world
     w.create(w.source, email="c@example.com", first_name="First")
     sync()
-    late = w.source if newer == "source" else w.target
+    late = w.side(newer)
     early = w.other(late)
     w.edit(early, w.by_email(early)["c@example.com"]["id"], first_name="Older edit")
     time.sleep(0.01)  # two stamps apart, whatever each CRM's clock resolution
@@ -341,7 +381,6 @@ def test_a_record_the_other_crm_refuses_is_dead_lettered_while_the_rest_syncs(
 ONLY, SHARED = 15, 5
 
 
-@pytest.mark.slow
 def test_two_syncs_at_once_never_duplicate_a_contact(pair_world: PairWorld):
     """Two ``crm-assets sync`` processes, as two operators start them (test_one_writer)."""
     w = pair_world
