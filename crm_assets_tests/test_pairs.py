@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,11 +233,11 @@ def _hubspot_pair(request: pytest.FixtureRequest, pair: Pair) -> PairWorld:
 
 
 @pytest.fixture(params=sorted(PAIRS))
-def pair_world(request: pytest.FixtureRequest) -> Iterator[PairWorld]:
+def pair_world(request: pytest.FixtureRequest) -> PairWorld:
     """Each pair's two empty CRMs (only those it needs are started) and its document."""
     pair = PAIRS[request.param]
     make = _hubspot_pair if "hubspot" in pair.systems else _custom_pair
-    yield make(request, pair)
+    return make(request, pair)
 
 
 def sync(*, full_rescan: bool = False) -> SyncOutcome:
