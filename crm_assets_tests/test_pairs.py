@@ -25,11 +25,20 @@ from test_hubspot import World, _hubspot_process, hubspot, world  # noqa: F401
 from test_one_writer import finish, sync_process
 
 from crm_assets.engine.document import read_document
+from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.headless import SyncOutcome, execute_sync
-from crm_assets.sync import flow_mappings
+from crm_assets.sync import (
+    FlowWriter,
+    flow_mappings,
+    map_flow,
+    plan_flow,
+    reference_links,
+    take_snapshot,
+)
 
-#: 27 tests, each with two to four real syncs: about two and a half minutes on two cores.
+#: 33 tests, each with two to four real syncs: about three minutes on two cores.
 pytestmark = pytest.mark.slow
 
 #: The canonical contact fields every pair's document maps (e-mail is the merge key).
@@ -153,6 +162,7 @@ class PairWorld:
 
     pair: Pair
     clients: dict[str, Callable[[], AbstractContextManager[Client]]]
+    data_dir: Path
     state_url: str
 
     @property
@@ -170,13 +180,16 @@ class PairWorld:
     def other(self, system: str) -> str:
         return self.target if system == self.source else self.source
 
-    def flow_of(self, system: str, obj: str) -> str:
+    def mapping(self, system: str, obj: str) -> FlowMapping:
         """The document's flow that syncs one object of one CRM."""
         return next(
-            m.name
+            m
             for m in flow_mappings(read_document(self.pair.document))
             if (system, obj) in ((s.system_key, s.obj) for s in (m.a, m.b))
         )
+
+    def flow_of(self, system: str, obj: str) -> str:
+        return self.mapping(system, obj).name
 
     @property
     def contacts(self) -> str:
@@ -223,13 +236,13 @@ def _custom_pair(request: pytest.FixtureRequest, pair: Pair) -> PairWorld:
     request.getfixturevalue("monkeypatch").setenv("CRM_SYNC_SPEC", str(pair.document))
     both.document = pair.document
     clients = {"custom_crm": both.custom_client, "crm_office": both.office_client}
-    return PairWorld(pair, clients, both.state_url)
+    return PairWorld(pair, clients, both.data_dir, both.state_url)
 
 
 def _hubspot_pair(request: pytest.FixtureRequest, pair: Pair) -> PairWorld:
     hub: World = request.getfixturevalue("world")
     clients = {"hubspot": hub.hubspot.client, "crm_office": hub.office_client}
-    return PairWorld(pair, clients, hub.state_url)
+    return PairWorld(pair, clients, hub.data_dir, hub.state_url)
 
 
 @pytest.fixture(params=sorted(PAIRS))
@@ -403,3 +416,36 @@ def test_two_syncs_at_once_never_duplicate_a_contact(pair_world: PairWorld):
     expected = 2 * ONLY + SHARED
     for system in w.pair.systems:
         assert len(w.by_email(system)) == expected  # by_email fails on any duplicate
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_a_record_changed_between_plan_and_write_loses_no_edit(pair_world: PairWorld, side: str):
+    """No lost update: CRMOffice and Custom CRM answer a stale write 412; HubSpot has no such
+    token, so its client re-reads ``updatedAt`` before writing. Either way the planned change
+    lands and the edit made after the plan stays."""
+    w = pair_world
+    w.create(w.source, email="race@example.com", last_name="Old", mobile="1")
+    sync()
+    written = w.side(side)
+    other = w.other(written)
+    w.edit(other, w.by_email(other)["race@example.com"]["id"], last_name="New")
+    mapping = w.mapping(w.source, "contacts")
+    store = SnapshotStore(w.data_dir / "snapshots")
+    state = w.state()
+    letter = "a" if mapping.a.system_key == written else "b"
+    with w.clients[w.source]() as one, w.clients[w.target]() as two:
+        clients = {w.source: one, w.target: two}
+        for obj in (mapping.a, mapping.b):
+            take_snapshot(clients[obj.system_key], obj, store)
+        refs = reference_links(state, mapping)
+        plan = plan_flow(mapping, *map_flow(mapping, store, refs), state)
+        assert plan.counts[f"updates_{letter}"] == 1
+        race = w.by_email(written)["race@example.com"]
+        w.edit(written, race["id"], mobile="2")  # someone edits after the plan was made
+        writer = FlowWriter(mapping, plan, state, store, clients[written], letter, "race", refs)
+        result, _ = writer.run(set())
+    assert result.retried_412 == 1 and result.failed == 0
+    race = w.by_email(written)["race@example.com"]
+    assert (race[LAST], race[MOBILE]) == ("New", "2")  # the plan landed, the edit stayed
+    sync()
+    assert w.by_email(other)["race@example.com"][MOBILE] == "2"
