@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.reconcile import other
 from crm_assets.engine.state import SyncState, dead_letter_record
 
 #: Links changed this long before a mark count as changed after it: the hosts of one
@@ -80,13 +81,18 @@ class Mark:
         ids = {s: found.filter(pl.col("side") == s).get_column("id").unique().sort() for s in "ab"}
         return cls(
             mapping_digest(mapping),
-            *(int(f.get_column("seq").max() or 0) if f.height else 0 for f in frames),
+            *(last_read(f) for f in frames),
             at.isoformat(),
             {s: ids[s].to_list() for s in ids},
         )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def last_read(frame: pl.DataFrame) -> int:
+    """The newest snapshot read a mapped frame holds (0 for none)."""
+    return int(frame.get_column("seq").max() or 0) if frame.height else 0
 
 
 def mapping_digest(mapping: FlowMapping) -> str:
@@ -115,10 +121,7 @@ def changed_since(
     referenced flow made or changed since the mark.
     """
     frames = {"a": a, "b": b}
-    if any(
-        frames[s].height and int(frames[s].get_column("seq").max() or 0) < getattr(mark, s)
-        for s in frames
-    ):
+    if any(frames[s].height and last_read(frames[s]) < getattr(mark, s) for s in frames):
         return None
     since = datetime.fromisoformat(mark.at) - CLOCK_MARGIN
     refs = [c.name for c in mapping.columns if c.reference]
@@ -136,7 +139,7 @@ def changed_since(
         extra[record_side].append(rid)
     pending = state.pending_creates(mapping.name)
     for side, source_id in pending.select("side", "source_id").iter_rows():
-        extra["b" if side == "a" else "a"].append(source_id)
+        extra[other(side)].append(source_id)
     ids = []
     for side, frame in frames.items():
         since_mark = pl.col("seq") > getattr(mark, side)
