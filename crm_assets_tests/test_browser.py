@@ -69,7 +69,8 @@ UI_TIMEOUT = 240.0
 RUN_TIMEOUT = 240.0
 #: Launch ``sync_all`` ourselves if the sensors have not verified the flow by then.
 SENSOR_GRACE = 45.0
-#: No run queued or running for this long (more than a sensor interval): the demo settled.
+#: No run queued or running (and, paused, no tick) for this long, more than a loop of the
+#: sensor daemon (5 s): the demo settled.
 QUIET = 7.0
 SETTLE_TIMEOUT = 90.0
 #: Wide enough for the asset graph to show each node's details (status, checks).
@@ -454,27 +455,39 @@ def sensor(demo: Demo, name: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def sensors_paused(demo: Demo) -> Iterator[None]:
     """Both change sensors stopped (as their toggle in the UI does), no tick under way and
-    no run queued or running: every edit made meanwhile reaches the same run, which the
-    sensors start once they are back on (their cursors are kept)."""
-    for name in SENSORS:
-        result = demo.graphql(STOP_SENSOR, {"id": sensor(demo, name)["id"]})["stopSensor"]
-        assert result["__typename"] == "StopSensorMutationResult", result
+    no run queued or running, for QUIET on end: every edit made meanwhile reaches
+    the same run, which the sensors start once they are back on (their cursors are kept).
+
+    A daemon loop that read a sensor as running just before the stop still ticks it, and
+    writing that tick's start sets the sensor running again (Dagster writes the state it
+    read), so the stop is repeated until the sensors stay stopped and quiet."""
     started: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
+        quiet_since: float | None = None
+        while quiet_since is None or time.monotonic() - quiet_since < QUIET:
             demo.check_alive()
+            states = {name: sensor(demo, name) for name in SENSORS}
+            running = [n for n, s in states.items() if s["sensorState"]["status"] != "STOPPED"]
+            for name in running:
+                stopped = demo.graphql(STOP_SENSOR, {"id": states[name]["id"]})["stopSensor"]
+                assert stopped["__typename"] == "StopSensorMutationResult", stopped
             # ticks first: a finished tick's runs are queued already, so the runs see them
             ticking = [
                 name
-                for name in SENSORS
-                if any(t["status"] == "STARTED" for t in sensor(demo, name)["sensorState"]["ticks"])
+                for name, s in states.items()
+                if any(t["status"] == "STARTED" for t in s["sensorState"]["ticks"])
             ]
             active = demo.graphql(ACTIVE_RUNS, {})["runsOrError"]
-            if not ticking and active["__typename"] == "Runs" and not active["results"]:
-                break
+            if running or ticking or active["__typename"] != "Runs" or active["results"]:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
             if time.monotonic() > deadline:
-                pytest.fail(f"sensors stopped, but still ticking {ticking} or running {active}")
+                pytest.fail(
+                    f"sensors stopped, but running again {running}, ticking {ticking} or "
+                    f"runs active {active}"
+                )
             time.sleep(1)
         yield
     finally:
