@@ -22,8 +22,9 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from crm_assets.engine.mapping import FlowMapping
+from crm_assets.engine.mapping import FlowMapping, map_side
 from crm_assets.engine.reconcile import other
+from crm_assets.engine.snapshot import SEQ
 from crm_assets.engine.state import SyncState, dead_letter_record
 
 #: Links changed this long before a mark count as changed after it: the hosts of one
@@ -99,6 +100,43 @@ def mapping_digest(mapping: FlowMapping) -> str:
     """A digest of what the flow maps: a document edit to its rows makes the next plan full."""
     text = repr((mapping.name, mapping.a, mapping.b, mapping.columns, mapping.merge))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def mapped_key(mapping: FlowMapping, side: str, refs: dict[str, pl.DataFrame]) -> str:
+    """What a side's mapped frame depends on besides its snapshot: the flow's rows, and the
+    links its references translate through (a new link of a referenced record changes
+    the mapped value of every record pointing at it)."""
+    digest = hashlib.sha256(f"{mapping_digest(mapping)}/{side}/{pl.__version__}".encode())
+    for name in sorted(refs) if side == "b" else ():
+        pairs = refs[name].select(pl.concat_str("a_id", "b_id", separator="\t").sort())
+        text = pairs.to_series().str.join("\n").item() if pairs.height else ""
+        digest.update(f"{name}\n{text}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def remap_side(
+    kept: pl.DataFrame | None,
+    snapshot: pl.DataFrame,
+    mapping: FlowMapping,
+    side: str,
+    refs: dict[str, pl.DataFrame],
+) -> tuple[pl.DataFrame, int]:
+    """A side's mapped frame from the one mapped earlier (``kept``, under the same
+    :func:`mapped_key`) and the snapshot: only rows read since ``kept``'s newest read are
+    mapped again, so a sensor's run of a few edits costs milliseconds, not a whole map.
+    Returns the frame and how many rows were mapped now.
+
+    A snapshot read anew starts above every earlier read, so all of it is mapped again;
+    rows gone from the snapshot (it was made anew, smaller) leave the frame's height
+    unlike the snapshot's, and the whole snapshot is mapped.
+    """
+    if kept is not None and kept.height and SEQ in snapshot.columns:
+        fresh = snapshot.filter(pl.col(SEQ) > last_read(kept))
+        frame = upsert_rows(kept, map_side(fresh, mapping, side, refs)) if fresh.height else kept
+        if frame.height == snapshot.height:
+            return frame, fresh.height
+    frame = map_side(snapshot, mapping, side, refs)
+    return frame, frame.height
 
 
 def last_mark(state: SyncState, mapping: FlowMapping) -> Mark | None:

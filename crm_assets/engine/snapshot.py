@@ -11,6 +11,7 @@ only the records changed since the last one it confirmed.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ import polars as pl
 from crm_assets.engine.storage import Storage
 
 DELETED = "_deleted"
+#: the folder beside the systems' folders where each flow's last mapped frames are kept
+MAPPED = "_mapped"
 #: why a record could not be read as its object's fields say (null: it could)
 ERROR = "_error"
 #: the read that last changed a row: it only grows (a snapshot made anew starts above any
@@ -145,6 +148,16 @@ class SnapshotChange:
     changed: int
     deleted: int
     fetched: int
+    #: rows this read changed (new, edited, deleted, or a column added or gone)
+    touched: int = 0
+    #: whether there was a snapshot before this read
+    had_previous: bool = True
+
+    @property
+    def to_store(self) -> pl.DataFrame | None:
+        """The frame to store, or None when the stored snapshot holds the same rows (a read
+        of the overlap window does not rewrite a million rows)."""
+        return None if self.had_previous and not self.touched else self.frame
 
     @property
     def live(self) -> int:
@@ -189,28 +202,34 @@ def merge_snapshot(
     fetched = fetched.sort([modified, id_field], nulls_last=False).unique(
         subset=[id_field], keep="last", maintain_order=True
     )
+    had_previous = previous is not None
     if previous is None:
         previous = fetched.clear()
-    if SEQ not in previous.columns:  # a snapshot from before reads were numbered
+    unnumbered = SEQ not in previous.columns
+    if unnumbered:  # a snapshot from before reads were numbered
         previous = previous.with_columns(pl.lit(0, dtype=pl.Int64).alias(SEQ))
     this_read = pl.lit(
         max(int(previous.get_column(SEQ).max() or 0) + 1, time.time_ns() // 1000), dtype=pl.Int64
     )
     missing = [c for c in fetched.columns if c not in previous.columns]  # an older snapshot
     wanted = {**fetched.schema, SEQ: pl.Int64()}
+    dropped = any(c not in wanted for c in previous.columns)  # fields the object no longer has
     previous = previous.with_columns(
         pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing
     ).select(list(wanted))
+    retyped = unnumbered or bool(missing) or previous.schema != wanted or dropped
     if previous.schema != wanted:  # a million rows are cast only when a type changed
         previous = previous.cast(wanted, strict=False)
     joined = fetched.join(previous, on=id_field, how="left", suffix="__prev", maintain_order="left")
     is_new = pl.col(f"{DELETED}__prev").is_null()
-    differs = ~is_new & (
-        (pl.col(modified) != pl.col(f"{modified}__prev")).fill_null(True)
-        | (pl.col(DELETED) != pl.col(f"{DELETED}__prev"))
+    # any field, not only the modification time: two edits within the CRM's clock
+    # resolution share a time, and the second must count as a change of its own
+    differs = ~is_new & pl.any_horizontal(
+        pl.col(c).ne_missing(pl.col(f"{c}__prev")) for c in fetched.columns if c != id_field
     )
     new = joined.filter(is_new & ~pl.col(DELETED)).height
     changed_rows = joined.filter(differs)
+    touched = joined.filter(is_new).height + changed_rows.height
     soft_deleted = changed_rows.filter(pl.col(DELETED) & ~pl.col(f"{DELETED}__prev")).height
     changed = changed_rows.height - soft_deleted
     # a record read again unchanged (the overlap window) keeps the read that changed it
@@ -239,6 +258,8 @@ def merge_snapshot(
         changed=changed,
         deleted=soft_deleted + hard_deleted,
         fetched=fetched.height,
+        touched=touched + hard_deleted + (merged.height if retyped else 0),
+        had_previous=had_previous,
     )
 
 
@@ -271,11 +292,29 @@ class SnapshotStore:
         text = self.root.read_text(system, f"{obj}.read_at")
         return None if text is None else float(text)
 
-    def write(self, system: str, obj: str, frame: pl.DataFrame, read_started: float) -> str:
-        """Store the snapshot and when its read began; returns where it is."""
-        self.root.write_parquet(frame, system, f"{obj}.parquet")
+    def write(self, system: str, obj: str, frame: pl.DataFrame | None, read_started: float) -> str:
+        """Store the snapshot and when its read began; returns where it is. ``None``: the
+        read changed nothing, only its time is stored (a million rows are not rewritten
+        for a read of the overlap window)."""
+        if frame is not None:
+            self.root.write_parquet(frame, system, f"{obj}.parquet")
         self.root.write_text(repr(read_started), system, f"{obj}.read_at")
         return self.uri(system, obj)
+
+    def read_mapped(self, flow: str, side: str, key: str) -> pl.DataFrame | None:
+        """The side's mapped frame kept by an earlier run, if it was kept under ``key``
+        (see :func:`crm_assets.engine.incremental.mapped_key`)."""
+        data = self.root.read_bytes(MAPPED, flow, f"{side}.parquet")
+        if data is None or pl.read_parquet_metadata(io.BytesIO(data)).get("key") != key:
+            return None
+        return pl.read_parquet(io.BytesIO(data))
+
+    def keep_mapped(self, flow: str, side: str, frame: pl.DataFrame, key: str) -> None:
+        """Keep a side's mapped frame for the next run, with the key it is valid under: one
+        object, replaced whole, so a reader gets one run's frame and that run's key."""
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, metadata={"key": key})
+        self.root.write_bytes(buffer.getvalue(), MAPPED, flow, f"{side}.parquet")
 
 
 def since_with_overlap(cursor: datetime | None, overlap: timedelta) -> datetime | None:

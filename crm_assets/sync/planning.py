@@ -23,16 +23,27 @@ from crm_assets.engine.incremental import (
     changed_scope,
     changed_since,
     last_mark,
+    mapped_key,
+    remap_side,
 )
-from crm_assets.engine.mapping import FlowMapping, build_flow_mapping, map_side
+from crm_assets.engine.mapping import FlowMapping, build_flow_mapping
 from crm_assets.engine.objects import SourceObject
-from crm_assets.engine.reconcile import Plan, ReconcileOptions, Whole, live_count, reconcile_flow
+from crm_assets.engine.reconcile import (
+    SIDES,
+    Plan,
+    ReconcileOptions,
+    Whole,
+    live_count,
+    reconcile_flow,
+)
 from crm_assets.engine.snapshot import SnapshotStore, schema
 from crm_assets.engine.state import SyncState
 
 #: The order a flow's sides are written in: the document's target first, then its source.
 #: The first settles links, tombstones and the bases that need no write.
 WRITE_ORDER = ("b", "a")
+#: A side's kept mapped frame is written again once this many of its rows were mapped anew.
+KEEP_AFTER_ROWS = 1_000
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,21 @@ def map_flow(
     store: SnapshotStore,
     refs: dict[str, pl.DataFrame],
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Both sides of a flow as canonical frames (references translated through ``refs``)."""
-    a = map_side(snapshot_of(store, mapping, "a"), mapping, "a", refs)
-    b = map_side(snapshot_of(store, mapping, "b"), mapping, "b", refs)
-    return a, b
+    """Both sides of a flow as canonical frames (references translated through ``refs``).
+
+    Each side's mapped frame is kept in the store and only the rows read since are mapped
+    again (:func:`remap_side`); it is written back once :data:`KEEP_AFTER_ROWS` rows (or
+    the whole side) were mapped anew, as rewriting a million rows costs more than mapping
+    a thousand again."""
+    frames = []
+    for side in SIDES:
+        key = mapped_key(mapping, side, refs)
+        kept = store.read_mapped(mapping.name, side, key)
+        frame, mapped_now = remap_side(kept, snapshot_of(store, mapping, side), mapping, side, refs)
+        if mapped_now and mapped_now >= min(KEEP_AFTER_ROWS, frame.height):
+            store.keep_mapped(mapping.name, side, frame, key)
+        frames.append(frame)
+    return frames[0], frames[1]
 
 
 def gone_references(state: SyncState, mapping: FlowMapping) -> dict[str, pl.Series]:

@@ -72,7 +72,7 @@ def take_snapshot(
     change = merge_snapshot(previous, fetched, source.id_field, source.modified_field, full_rescan)
     # stamped with when its read began: a writer that released the flow after that is
     # newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
-    store.write(source.system_key, source.obj, change.frame, read_started)
+    store.write(source.system_key, source.obj, change.to_store, read_started)
     crm_now = _crm_now(client)
     return SnapshotRun(
         change,
