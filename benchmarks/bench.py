@@ -34,7 +34,8 @@ TARGET_INCREMENTAL_SHARE = 0.10
 TARGET_SENSOR_PLAN_SECONDS = 0.5
 #: Loading a million links with their base values from the state (issue 13).
 TARGET_LINKS_SECONDS = 1.0
-TARGET_HTTP_RATIO = 1.25
+#: The initial sync over HTTP within this factor of the time the rate limit imposes (issue 13).
+TARGET_HTTP_RATIO = 1.15
 #: the engine at least as fast as the same plan in SQL on DuckDB (engine s / DuckDB s)
 TARGET_DUCKDB_RATIO = 1.0
 
@@ -409,7 +410,7 @@ def http_lines(result: dict[str, Any]) -> list[str]:
         f"{result['contacts']:,} contacts and {result['products']:,} products per side, rate limit "
         f"{result['rate_limit']:g} requests/s per CRM, embedded services on loopback.",
         "",
-        "| requests Custom CRM | requests CRMOffice | time the rate limit imposes s | measured s | ratio | requests per record | full CRMOffice batches | target (<= 1.25x) |",
+        f"| requests Custom CRM | requests CRMOffice | time the rate limit imposes s | measured s | ratio | requests per record | full CRMOffice batches | target (<= {TARGET_HTTP_RATIO:g}x) |",
         "|---|---|---|---|---|---|---|---|",
         f"| {result['requests_custom_crm']:,} | {result['requests_crm_office']:,} | {result['rate_limit_seconds']:.1f} "
         f"| {result['seconds']:.1f} | {ratio:.2f}x | {result['requests_per_record']:.3f} | {result['full_batch_share']:.0%} "

@@ -571,12 +571,14 @@ class SyncState:
             )
         with self.engine.begin() as conn:
             self._upsert(conn, links, link_rows, ("flow", "a_id"))
-            for key, _sid, new_id, _values in created:
-                conn.execute(
-                    intents.update()
-                    .where(intents.c.key == key)
-                    .values(status="done", result_id=new_id)
-                )
+            # one statement, the intents as its parameter sets (an UPDATE per intent cost
+            # 0.4 ms: 18 s for an initial sync's 40k creates, the CRM idle meanwhile)
+            conn.execute(
+                intents.update()
+                .where(intents.c.key == sa.bindparam("intent_key"))
+                .values(status="done", result_id=sa.bindparam("new_id")),
+                [{"intent_key": key, "new_id": new_id} for key, _sid, new_id, _v in created],
+            )
             self._audit(
                 conn,
                 run_id,
