@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
@@ -24,7 +24,6 @@ import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping, map_side
 from crm_assets.engine.reconcile import other
-from crm_assets.engine.snapshot import SEQ
 from crm_assets.engine.state import SyncState, dead_letter_record
 
 #: Links changed this long before a mark count as changed after it: the hosts of one
@@ -116,26 +115,27 @@ def mapped_key(mapping: FlowMapping, side: str, refs: dict[str, pl.DataFrame]) -
 
 def remap_side(
     kept: pl.DataFrame | None,
-    snapshot: pl.DataFrame,
+    fresh: pl.DataFrame | None,
+    height: int,
+    whole: Callable[[], pl.DataFrame],
     mapping: FlowMapping,
     side: str,
     refs: dict[str, pl.DataFrame],
 ) -> tuple[pl.DataFrame, int]:
     """A side's mapped frame from the one mapped earlier (``kept``, under the same
-    :func:`mapped_key`) and the snapshot: only rows read since ``kept``'s newest read are
-    mapped again, so a sensor's run of a few edits costs milliseconds, not a whole map.
-    Returns the frame and how many rows were mapped now.
+    :func:`mapped_key`) and the snapshot's rows read since its newest read (``fresh``, of
+    a snapshot of ``height`` rows): a sensor's run of a few edits maps a few rows, not a
+    million. Returns the frame and how many rows were mapped now.
 
-    A snapshot read anew starts above every earlier read, so all of it is mapped again;
-    rows gone from the snapshot (it was made anew, smaller) leave the frame's height
-    unlike the snapshot's, and the whole snapshot is mapped.
+    Without a kept frame, or when the result does not hold as many rows as the snapshot
+    (rows gone: it was made anew, smaller), the ``whole`` snapshot is mapped. A snapshot
+    made anew starts above every earlier read, so all of it is fresh anyway.
     """
-    if kept is not None and kept.height and SEQ in snapshot.columns:
-        fresh = snapshot.filter(pl.col(SEQ) > last_read(kept))
+    if kept is not None and kept.height and fresh is not None:
         frame = upsert_rows(kept, map_side(fresh, mapping, side, refs)) if fresh.height else kept
-        if frame.height == snapshot.height:
+        if frame.height == height:
             return frame, fresh.height
-    frame = map_side(snapshot, mapping, side, refs)
+    frame = map_side(whole(), mapping, side, refs)
     return frame, frame.height
 
 

@@ -301,6 +301,19 @@ class SnapshotStore:
         self.root.write_text(repr(read_started), system, f"{obj}.read_at")
         return self.uri(system, obj)
 
+    def read_since(self, system: str, obj: str, seq: int) -> tuple[pl.DataFrame, int] | None:
+        """The snapshot's rows read after ``seq``, and how many rows it holds, without
+        decoding the rest (a read's rows are stored last, so the row groups before them
+        are skipped by their statistics); None without a numbered snapshot."""
+        data = self.root.read_bytes(system, f"{obj}.parquet")
+        if data is None:
+            return None
+        frame = pl.scan_parquet(io.BytesIO(data))
+        if SEQ not in frame.collect_schema().names():
+            return None
+        height = frame.select(pl.len()).collect().item()
+        return frame.filter(pl.col(SEQ) > seq).collect(), height
+
     def read_mapped(self, flow: str, side: str, key: str) -> pl.DataFrame | None:
         """The side's mapped frame kept by an earlier run, if it was kept under ``key``
         (see :func:`crm_assets.engine.incremental.mapped_key`)."""

@@ -8,6 +8,7 @@ to skip such flows (then they are listed as skipped, never dropped silently).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from crm_assets.engine.incremental import (
     changed_scope,
     changed_since,
     last_mark,
+    last_read,
     mapped_key,
     remap_side,
 )
@@ -131,9 +133,20 @@ def map_flow(
     a thousand again."""
     frames = []
     for side in SIDES:
+        obj = mapping.side(side)
         key = mapped_key(mapping, side, refs)
         kept = store.read_mapped(mapping.name, side, key)
-        frame, mapped_now = remap_side(kept, snapshot_of(store, mapping, side), mapping, side, refs)
+        since = None if kept is None else store.read_since(obj.system_key, obj.obj, last_read(kept))
+        fresh, height = since or (None, 0)
+        frame, mapped_now = remap_side(
+            kept,
+            fresh,
+            height,
+            functools.partial(snapshot_of, store, mapping, side),
+            mapping,
+            side,
+            refs,
+        )
         if mapped_now and mapped_now >= min(KEEP_AFTER_ROWS, frame.height):
             store.keep_mapped(mapping.name, side, frame, key)
         frames.append(frame)
