@@ -195,3 +195,35 @@ def test_the_first_sync_takes_one_run_per_flow_whichever_sensor_ticks_first(
     assert jobs_of(first) == ["sync_contact_to_contacts", "sync_product_to_companies"]
     assert not second.run_requests and "starting already" in second.skip_message
     assert second.cursor  # the second sensor moved on: it will not start them later either
+
+
+def test_a_contact_planned_before_its_products_link_syncs_once_that_flow_linked_it(
+    sync_world: SyncWorld,
+):
+    """The change sensors start each flow in a run of its own, side by side: a contact made
+    with its product can be planned before the product is linked, and waits (deferred).
+    The product flow's writes are the sync's own and start no run; the follow-up sensor
+    starts the contact flow again, and the contact reaches CRMOffice with its company."""
+    followups = {"storage": storage(sync_world)}
+    assert execute_sync().success  # the first sync: each flow has a confirmed plan
+    with sync_world.custom_client() as a:
+        product = a.create("products", {"Name": "Follow Co", "ProductNumber": 912345670})
+        a.create("contacts", {"Email": "follow@example.com", "ProductId": product["Id"]})
+    early = execute_sync(flow="contact_to_contacts")  # before the product flow's run
+    assert early.success and early.of("contact_to_contacts/writes_to_crm_office")["deferred"] == 1
+    quiet, _ = tick("reference_followups", followups)
+    assert not quiet.run_requests, "nothing was linked since the contact flow's plan"
+
+    assert execute_sync(flow="product_to_companies").success  # links the product
+    due, _ = tick("reference_followups", followups)
+    assert jobs_of(due) == ["sync_contact_to_contacts"]
+    print(f"\nfollow-up: {due.run_requests[0].tags['crm_assets/trigger']}")
+    assert execute_sync(flow="contact_to_contacts").success
+    with sync_world.office_client() as b:
+        (company,) = [c for p in b.pages("companies") for c in p if c["name"] == "Follow Co"]
+        (contact,) = [
+            c for p in b.pages("contacts") for c in p if c["email"] == "follow@example.com"
+        ]
+    assert (contact.get("company") or {}).get("id") == company["id"]
+    settled, _ = tick("reference_followups", followups)
+    assert not settled.run_requests

@@ -69,9 +69,10 @@ UI_TIMEOUT = 240.0
 RUN_TIMEOUT = 240.0
 #: Launch ``sync_all`` ourselves if the sensors have not verified the flow by then.
 SENSOR_GRACE = 45.0
-#: No run queued or running (and, paused, no tick) for this long, more than a loop of the
-#: sensor daemon (5 s): the demo settled.
-QUIET = 7.0
+#: No run queued or running (and, paused, no tick) for this long, more than two loops of
+#: the sensor daemon (5 s): the demo settled, the reference follow-ups included (a flow's
+#: run that linked records starts its referencing flows' runs on the next tick).
+QUIET = 12.0
 SETTLE_TIMEOUT = 90.0
 #: Wide enough for the asset graph to show each node's details (status, checks).
 VIEWPORT = {"width": 1920, "height": 860}
@@ -109,7 +110,7 @@ mutation Launch($params: ExecutionParams!) {
 
 # -- the operator's view ------------------------------------------------------------------------
 REPOSITORY = {"repositoryLocationName": "crm_assets", "repositoryName": "__repository__"}
-SENSORS = ("custom_crm_changes", "crm_office_changes")
+SENSORS = ("custom_crm_changes", "crm_office_changes", "reference_followups")
 #: Taller pages for the operator's screenshots (run log, launchpad, record tables).
 OPERATOR_VIEWPORT = {"width": 1920, "height": 1080}
 #: From an edit to its run finished: a sensor tick, the queue, a run process starting

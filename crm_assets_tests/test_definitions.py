@@ -137,4 +137,5 @@ def test_several_documents_load_together_sharing_snapshots(tmp_path, monkeypatch
         "crm_office_changes",
         "custom_crm_changes",
         "hubspot_changes",
+        "reference_followups",
     ]

@@ -1,6 +1,7 @@
 """Sensors that start the affected flows when a CRM changes, and the nightly full rescan."""
 
 import os
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -8,6 +9,7 @@ import dagster as dg
 from crm_assets.changes import detect_changes, format_cursor, parse_cursor
 from crm_assets.connectors import with_fix
 from crm_assets.defs.sync_assets import FLOW_TAG, flow_key
+from crm_assets.engine.incremental import last_mark
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.objects import SourceObject
 from crm_assets.http import CrmAuthError, CrmError, RetryPolicy
@@ -98,6 +100,61 @@ def build_change_sensor(
     return changes
 
 
+def build_reference_sensor(
+    mappings: list[FlowMapping], jobs: dict[str, Any]
+) -> dg.SensorDefinition | None:
+    """Starts a flow again when a flow it references linked records since its last plan.
+
+    The sensors start each changed flow in a run of its own, side by side: a contact
+    made together with its product is planned before the product's link exists and
+    waits (deferred). The product flow's writes are the sync's own, which start no run,
+    so without this the contact would wait for the next edit of anything or the nightly
+    rescan. A new link also changes what references to that record map to.
+    """
+    referencing = [m for m in mappings if m.references]
+    if not referencing:
+        return None
+
+    @dg.sensor(
+        name="reference_followups",
+        description="Starts a flow again when a flow it references linked records after "
+        "its last plan (records waiting for that link sync then).",
+        minimum_interval_seconds=sensor_interval(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        jobs=[jobs[f"sync_{m.name}"] for m in referencing],
+        required_resource_keys={"storage"},
+    )
+    def followups(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        state = context.resources.storage.state()
+        requests, reasons = [], []
+        for m in referencing:
+            mark = last_mark(state, m)
+            if mark is None:  # never synced (or the document changed): the next run plans all
+                continue
+            since = datetime.fromisoformat(mark.at)
+            linked = {ref: state.links_changed_since(ref, since).len() for ref in m.references}
+            if not any(linked.values()) or waiting_run(context.instance, m.name):
+                continue
+            reasons.append(
+                f"{m.name}: "
+                + ", ".join(f"{n} link(s) of {ref}" for ref, n in linked.items() if n)
+                + " made or changed after its last plan"
+            )
+            requests.append(
+                dg.RunRequest(
+                    job_name=f"sync_{m.name}",
+                    run_key=f"references:{m.name}:{mark.at}",  # once per plan of the flow
+                    tags={"crm_assets/trigger": reasons[-1]},
+                )
+            )
+        if not requests:
+            return dg.SkipReason("no referenced flow linked records after the last plans")
+        context.log.info("; ".join(reasons))
+        return dg.SensorResult(run_requests=requests)
+
+    return followups
+
+
 def waiting_run(instance: dg.DagsterInstance, flow: str) -> bool:
     """Whether a run of the flow is queued or still starting (no step begun): it will read
     this change too, so another run (say, the other CRM's sensor's) would only repeat it."""
@@ -134,7 +191,9 @@ def build_nightly_rescan(mappings: list[FlowMapping], job: Any) -> dg.ScheduleDe
 def build_automation(
     mappings: list[FlowMapping], jobs: dict[str, Any]
 ) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
-    """One change sensor per CRM, and the nightly rescan of everything."""
+    """One change sensor per CRM, the reference follow-ups, and the nightly rescan."""
     keys = sorted({o.system_key for m in mappings for o in (m.a, m.b)})
     sensors = [build_change_sensor(k, mappings, jobs) for k in keys]
+    followups = build_reference_sensor(mappings, jobs)
+    sensors += [followups] if followups else []
     return sensors, [build_nightly_rescan(mappings, jobs["sync_all"])]
