@@ -181,7 +181,7 @@ def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any
                 obj.modified_field,
                 full_rescan=False,
             )
-            store.write(obj.system_key, obj.obj, change.frame, time.time())
+            store.write(obj.system_key, obj.obj, change.to_store, time.time())
         steps["snapshot"] = time.perf_counter() - begun
         files = FlowFiles.of_run(Storage.at(workdir / "data"), mapping.name, f"run-{n_a}-{n_b}")
         begun = time.perf_counter()

@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -338,22 +338,36 @@ def wait_for_verified(demo: Demo) -> None:
     pytest.fail(f"{'/'.join(VERIFIED)} not materialized in {RUN_TIMEOUT:.0f} s:\n{demo.log_tail()}")
 
 
+def until_quiet(demo: Demo, busy: Callable[[], str]) -> str:
+    """Until ``busy`` (what still moves, in words; empty when nothing) has said nothing for
+    QUIET on end: "" then, or what still moved at SETTLE_TIMEOUT."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    quiet_since: float | None = None
+    moving = ""
+    while time.monotonic() < deadline:
+        demo.check_alive()
+        moving = busy()
+        if moving:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET:
+            return ""
+        time.sleep(1)
+    return moving or "not quiet for long enough"
+
+
+def active_runs(demo: Demo) -> str:
+    """The runs queued or running, in words (empty: none)."""
+    runs = demo.graphql(ACTIVE_RUNS, {})["runsOrError"]
+    return "" if runs["__typename"] == "Runs" and not runs["results"] else f"runs active {runs}"
+
+
 def wait_until_quiet(demo: Demo) -> None:
     """Until no run is queued or running for a while, so the UI shows settled results
     (echo runs of the sync's own writes die out after a round or two)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    quiet_since = None
-    while time.monotonic() < deadline:
-        demo.check_alive()
-        runs = demo.graphql(ACTIVE_RUNS, {})["runsOrError"]
-        if runs["__typename"] == "Runs" and not runs["results"]:
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= QUIET:
-                return
-        else:
-            quiet_since = None
-        time.sleep(1)
-    # still busy: go on, the assertions below say what is not shown
+    # still busy at the end: go on, the assertions below say what is not shown
+    until_quiet(demo, lambda: active_runs(demo))
 
 
 def keep_screenshot(path: Path) -> None:
@@ -455,41 +469,38 @@ def sensor(demo: Demo, name: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def sensors_paused(demo: Demo) -> Iterator[None]:
-    """Both change sensors stopped (as their toggle in the UI does), no tick under way and
-    no run queued or running, for QUIET on end: every edit made meanwhile reaches
-    the same run, which the sensors start once they are back on (their cursors are kept).
+    """The sensors stopped (as their toggle in the UI does), no tick under way and no run
+    queued or running, for QUIET on end: every edit made meanwhile reaches the same run,
+    which the sensors start once they are back on (their cursors are kept).
 
     A daemon loop that read a sensor as running just before the stop still ticks it, and
     writing that tick's start sets the sensor running again (Dagster writes the state it
     read), so the stop is repeated until the sensors stay stopped and quiet."""
+
+    def busy() -> str:
+        states = {name: sensor(demo, name) for name in SENSORS}
+        running = [n for n, s in states.items() if s["sensorState"]["status"] != "STOPPED"]
+        for name in running:
+            stopped = demo.graphql(STOP_SENSOR, {"id": states[name]["id"]})["stopSensor"]
+            assert stopped["__typename"] == "StopSensorMutationResult", stopped
+        # ticks first: a finished tick's runs are queued already, so the runs see them
+        ticking = [
+            name
+            for name, s in states.items()
+            if any(t["status"] == "STARTED" for t in s["sensorState"]["ticks"])
+        ]
+        moving = [
+            f"running again {running}" if running else "",
+            f"ticking {ticking}" if ticking else "",
+            active_runs(demo),
+        ]
+        return "; ".join(m for m in moving if m)
+
     started: list[dict[str, Any]] = []
     try:
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        quiet_since: float | None = None
-        while quiet_since is None or time.monotonic() - quiet_since < QUIET:
-            demo.check_alive()
-            states = {name: sensor(demo, name) for name in SENSORS}
-            running = [n for n, s in states.items() if s["sensorState"]["status"] != "STOPPED"]
-            for name in running:
-                stopped = demo.graphql(STOP_SENSOR, {"id": states[name]["id"]})["stopSensor"]
-                assert stopped["__typename"] == "StopSensorMutationResult", stopped
-            # ticks first: a finished tick's runs are queued already, so the runs see them
-            ticking = [
-                name
-                for name, s in states.items()
-                if any(t["status"] == "STARTED" for t in s["sensorState"]["ticks"])
-            ]
-            active = demo.graphql(ACTIVE_RUNS, {})["runsOrError"]
-            if running or ticking or active["__typename"] != "Runs" or active["results"]:
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = time.monotonic()
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"sensors stopped, but running again {running}, ticking {ticking} or "
-                    f"runs active {active}"
-                )
-            time.sleep(1)
+        moving = until_quiet(demo, busy)
+        if moving:
+            pytest.fail(f"sensors stopped, but still {moving}")
         yield
     finally:
         for name in SENSORS:

@@ -205,19 +205,19 @@ def merge_snapshot(
     had_previous = previous is not None
     if previous is None:
         previous = fetched.clear()
-    unnumbered = SEQ not in previous.columns
-    if unnumbered:  # a snapshot from before reads were numbered
+    stored_schema = previous.schema
+    if SEQ not in previous.columns:  # a snapshot from before reads were numbered
         previous = previous.with_columns(pl.lit(0, dtype=pl.Int64).alias(SEQ))
     this_read = pl.lit(
         max(int(previous.get_column(SEQ).max() or 0) + 1, time.time_ns() // 1000), dtype=pl.Int64
     )
     missing = [c for c in fetched.columns if c not in previous.columns]  # an older snapshot
     wanted = {**fetched.schema, SEQ: pl.Int64()}
-    dropped = any(c not in wanted for c in previous.columns)  # fields the object no longer has
     previous = previous.with_columns(
         pl.lit(None, dtype=fetched.schema[c]).alias(c) for c in missing
     ).select(list(wanted))
-    retyped = unnumbered or bool(missing) or previous.schema != wanted or dropped
+    # columns added, gone, retyped or numbered now: every row of the stored one differs
+    retyped = stored_schema != wanted
     if previous.schema != wanted:  # a million rows are cast only when a type changed
         previous = previous.cast(wanted, strict=False)
     joined = fetched.join(previous, on=id_field, how="left", suffix="__prev", maintain_order="left")
