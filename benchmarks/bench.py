@@ -108,11 +108,11 @@ def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any
     from benchmarks.synthetic import contact_mapping, generate, save_state
     from crm_assets.engine.incremental import upsert_rows
     from crm_assets.engine.mapping import map_side
-    from crm_assets.engine.snapshot import SEQ, SnapshotStore, merge_snapshot
+    from crm_assets.engine.snapshot import SEQ, SnapshotStore
     from crm_assets.engine.state import SyncState
     from crm_assets.engine.storage import Storage
     from crm_assets.sync.files import FlowFiles
-    from crm_assets.sync.planning import map_flow, plan_flow
+    from crm_assets.sync.planning import map_flow, mapped_sides, plan_flow
 
     state = generate(size)
     mapping = contact_mapping()
@@ -167,25 +167,26 @@ def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any
         if mine(plan) != mine(whole):
             raise AssertionError(f"incremental plan differs from the full one ({n_a}/{n_b})")
         # what the assets do with the same read, through the functions they call: the
-        # snapshot step merges it into each side's stored snapshot, the mapped step maps
+        # snapshot step merges it into each side's stored snapshot (its delta), the mapped step maps
         # what was read since its kept frames and saves the run's frames, the reconciled
         # step loads them and plans
         steps = {}
         begun = time.perf_counter()
         for side in ("a", "b"):
             obj = mapping.side(side)
-            change = merge_snapshot(
-                store.read(obj.system_key, obj.obj),
+            store.merge(
+                obj.system_key,
+                obj.obj,
                 picked[side].drop(SEQ),
                 obj.id_field,
                 obj.modified_field,
-                full_rescan=False,
+                False,
+                time.time(),
             )
-            store.write(obj.system_key, obj.obj, change.to_store, time.time())
         steps["snapshot"] = time.perf_counter() - begun
         files = FlowFiles.of_run(Storage.at(workdir / "data"), mapping.name, f"run-{n_a}-{n_b}")
         begun = time.perf_counter()
-        files.save_mapped(*map_flow(mapping, store, refs))
+        files.save_mapped(*mapped_sides(mapping, store, refs))
         steps["mapped"] = time.perf_counter() - begun
         begun = time.perf_counter()
         asset_plan = plan_flow(mapping, *files.load_mapped(), db)

@@ -1,17 +1,18 @@
-"""A flow's kept mapped frames (``map_flow``) equal mapping the whole snapshots anew.
+"""A flow's kept mapped frames (``mapped_sides``) equal mapping the whole snapshots anew.
 
 A run maps only the snapshot rows read since the frame it kept; whatever a history of
 reads does to the snapshots (edits, reads that change nothing, edits within the CRM's clock resolution that keep
 the modification time, soft and hard deletes, new records, a snapshot deleted and read
 anew, smaller) and to the links references translate through, the frame a run gets
 must be the one a whole map gives. Snapshots are written as the snapshot step writes
-them (``merge_snapshot``, then the store).
+them (``SnapshotStore.merge``: a base and a delta), and must hold what merging each
+read into the whole snapshot gives.
 """
 
 from __future__ import annotations
 
 import tempfile
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 from benchmarks.synthetic import contact_mapping, generate
 from crm_assets.engine.mapping import map_side
 from crm_assets.engine.snapshot import SEQ, SnapshotStore, merge_snapshot
-from crm_assets.sync import map_flow
+from crm_assets.sync import map_flow, mapped_sides
+from crm_assets.sync.files import FlowFiles
 
 MAPPING = contact_mapping()
 WORLD = generate(40)
@@ -83,25 +85,24 @@ def _records(
     return pl.DataFrame(rows, schema=seed.schema)
 
 
-def _same(got: pl.DataFrame, expected: pl.DataFrame, where: str) -> None:
+def _same(got: pl.DataFrame, expected: pl.DataFrame, where: str, key: str = "id") -> None:
     assert got.schema == expected.schema, where
-    assert got.sort("id").to_dicts() == expected.sort("id").to_dicts(), where
+    assert got.sort(key).to_dicts() == expected.sort(key).to_dicts(), where
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(history=histories)
-def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple]) -> None:
+@given(history=histories, compact=st.integers(0, 12))
+def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int) -> None:
+    """Also: the stored snapshot (a base and a delta folded in past ``compact`` rows)
+    holds what merging every read into the whole snapshot gives, with the same counts."""
     with tempfile.TemporaryDirectory() as folder:
-        store = SnapshotStore(Path(folder))
+        store = SnapshotStore(Path(folder), compact_min_rows=compact)
         refs = {"product_to_companies": PRODUCTS}
+        whole_read = {}
         for side in "ab":  # the first sync's reads
             obj = MAPPING.side(side)
-            store.write(
-                obj.system_key,
-                obj.obj,
-                merge_snapshot(None, SEED[side], *FIELDS[side][:2], False).frame,
-                0.0,
-            )
+            whole_read[side] = merge_snapshot(None, SEED[side], *FIELDS[side][:2], False).frame
+            store.write(obj.system_key, obj.obj, whole_read[side], 0.0)
         map_flow(MAPPING, store, refs)
         for step, (kind, *args) in enumerate(history):
             if kind == "relink":  # a product linked anew, or its link gone
@@ -133,10 +134,69 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple]) -> None:
                     fetched, previous, full = live.slice(args[1]), snapshot, True
                 else:  # the snapshot deleted and read anew: fewer records than before
                     fetched, previous, full = SEED[side].head(args[1]), None, False
-                change = merge_snapshot(previous, fetched, id_field, modified, full)
-                store.write(obj.system_key, obj.obj, change.to_store, float(step))
-            a, b = map_flow(MAPPING, store, refs)
-            for side, got in (("a", a), ("b", b)):
+                if previous is None:
+                    change = merge_snapshot(None, fetched, id_field, modified, full)
+                    store.write(obj.system_key, obj.obj, change.to_store, float(step))
+                else:
+                    change, _ = store.merge(
+                        obj.system_key, obj.obj, fetched, id_field, modified, full, float(step)
+                    )
+                before = None if previous is None else whole_read[side]
+                expected = merge_snapshot(before, fetched, id_field, modified, full)
+                whole_read[side] = expected.frame
+                counts = ("new", "changed", "deleted", "fetched")
+                assert [getattr(change, c) for c in counts] == [
+                    getattr(expected, c) for c in counts
+                ], f"counts of side {side} at step {step}"
+                _same(
+                    store.read(obj.system_key, obj.obj).drop(SEQ),
+                    expected.frame.drop(SEQ),
+                    f"the stored snapshot of side {side} after step {step}: {kind} {args}",
+                    id_field,
+                )
+            # as the mapped step passes them on: the rows mapped now, naming the kept frame
+            files = FlowFiles.of_run(store.root, MAPPING.name, f"run{step}")
+            sides = mapped_sides(MAPPING, store, refs)
+            files.save_mapped(*sides)
+            for side, got, mapped in zip("ab", files.load_mapped(), sides, strict=True):
                 obj = MAPPING.side(side)
                 whole = map_side(store.read(obj.system_key, obj.obj), MAPPING, side, refs)
                 _same(got, whole, f"side {side} after step {step}: {kind} {args}")
+                assert mapped.counts() == {
+                    "records": whole.filter(~pl.col("deleted")).height,
+                    "conversion_errors": whole.filter(pl.col("error").is_not_null()).height,
+                    "unresolved_references": whole.filter(pl.col("unresolved")).height,
+                }
+
+
+def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_read(
+    tmp_path: Path,
+) -> None:
+    """Two runs read the same object at once: one folds a newer edit into the base, the
+    other then stores its delta, read before that edit. The newer edit stays."""
+    store = SnapshotStore(tmp_path, compact_min_rows=1_000)
+    system, obj = MAPPING.a.system_key, MAPPING.a.obj
+    id_field, modified, title = FIELDS["a"][:3]
+    store.write(system, obj, merge_snapshot(None, SEED["a"], id_field, modified, False).frame, 0)
+    first = SEED["a"].head(1)
+    older = first.with_columns(
+        pl.col(modified) + timedelta(seconds=1), pl.lit("older").alias(title)
+    )
+    store.merge(system, obj, older, id_field, modified, False, 1.0)
+    stale = (tmp_path / system / f"{obj}.delta.parquet").read_bytes()
+    newer = (
+        SEED["a"]
+        .head(5)
+        .with_columns(pl.col(modified) + timedelta(seconds=2), pl.lit("newer").alias(title))
+    )
+    store.compact_min_rows = 0  # the other run's read (5 of 40 rows) folds the delta in
+    store.merge(system, obj, newer, id_field, modified, False, 2.0)
+    assert not (tmp_path / system / f"{obj}.delta.parquet").exists()
+    (tmp_path / system / f"{obj}.delta.parquet").write_bytes(stale)  # the first run's delta
+    record = store.read(system, obj).filter(pl.col(id_field) == first.item(0, id_field))
+    assert record.item(0, title) == "newer"
+    now = datetime.now(UTC)
+    assert store.cursor(system, obj, modified, now) == store.read(system, obj)[modified].max()
+    fresh, height = store.read_since(system, obj, 0)
+    assert height == SEED["a"].height
+    assert fresh.filter(pl.col(id_field) == first.item(0, id_field)).item(0, title) == "newer"

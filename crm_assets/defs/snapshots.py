@@ -75,8 +75,8 @@ def build_snapshot_asset(source: SourceObject) -> dg.AssetsDefinition:
             metadata={
                 "future_dated": run.future_dated,
                 "clock_offset_seconds": round(offset, 3),
-                "dagster/row_count": change.frame.height,
-                "live_records": change.live,
+                "dagster/row_count": run.rows,
+                "live_records": run.live,
                 "fetched": change.fetched,
                 "new": change.new,
                 "changed": change.changed,

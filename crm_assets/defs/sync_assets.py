@@ -23,7 +23,7 @@ from crm_assets.sync import (
     FlowWriter,
     WriteResult,
     confirm_plan,
-    map_flow,
+    mapped_sides,
     named_counts,
     plan_flow,
     reference_links,
@@ -195,15 +195,15 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
                 context.log.info("another run wrote this flow meanwhile: snapshots read again")
                 meta["snapshots_read_again"] = True
         refs = reference_links(state, mapping)
-        a, b = map_flow(mapping, store, refs)
+        a, b = mapped_sides(mapping, store, refs)
         storage.flow_files(mapping.name, context.run.run_id).save_mapped(a, b)
         context.log.info(
-            f"mapped {a.height} {mapping.a.system} and {b.height} {mapping.b.system} records"
+            f"mapped {a.fresh.height} {mapping.a.system} and {b.fresh.height} "
+            f"{mapping.b.system} records anew"
         )
-        for side, frame in ((mapping.a.system_key, a), (mapping.b.system_key, b)):
-            meta[f"{side}_records"] = frame.filter(~pl.col("deleted")).height
-            meta[f"{side}_conversion_errors"] = frame.filter(pl.col("error").is_not_null()).height
-            meta[f"{side}_unresolved_references"] = frame.filter(pl.col("unresolved")).height
+        for side, mapped in ((mapping.a.system_key, a), (mapping.b.system_key, b)):
+            meta.update({f"{side}_{k}": v for k, v in mapped.counts().items()})
+            meta[f"{side}_mapped_anew"] = mapped.fresh.height
         return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(

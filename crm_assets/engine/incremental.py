@@ -24,6 +24,7 @@ import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping, map_side
 from crm_assets.engine.reconcile import other
+from crm_assets.engine.snapshot import KeptFrame
 from crm_assets.engine.state import SyncState, dead_letter_record
 
 #: Links changed this long before a mark count as changed after it: the hosts of one
@@ -113,30 +114,64 @@ def mapped_key(mapping: FlowMapping, side: str, refs: dict[str, pl.DataFrame]) -
     return digest.hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class MappedSide:
+    """One side of a flow as a run maps it: the rows mapped now and the kept frame they
+    update (replacing its rows of the same ids), or without a kept frame, every row.
+
+    A sensor's run of a few edits maps, stores and passes on those few rows; the kept
+    frame is named, not copied (:meth:`SnapshotStore.keep_mapped`)."""
+
+    fresh: pl.DataFrame
+    kept: KeptFrame | None = None
+
+    def frame(self) -> pl.DataFrame:
+        """Every row of the side."""
+        if self.kept is None:
+            return self.fresh
+        return upsert_rows(self.kept.scan().collect(), self.fresh)
+
+    def counts(self) -> dict[str, int]:
+        """Its records (not deleted), conversion errors and unresolved references, reading
+        only those columns of the kept frame."""
+        counts = [
+            (~pl.col("deleted")).sum().alias("records"),
+            pl.col("error").is_not_null().sum().alias("conversion_errors"),
+            pl.col("unresolved").sum().alias("unresolved_references"),
+        ]
+        parts = [self.fresh.lazy().select(counts)]
+        if self.kept is not None:
+            gone = pl.col("id").is_in(self.fresh.get_column("id").implode())
+            parts.append(self.kept.scan().filter(~gone).select(counts))
+        total = pl.concat(pl.collect_all(parts)).sum()
+        return {k: int(v or 0) for k, v in total.row(0, named=True).items()}
+
+
 def remap_side(
-    kept: pl.DataFrame | None,
-    fresh: pl.DataFrame | None,
-    height: int,
+    kept: KeptFrame | None,
+    fresh: tuple[pl.DataFrame, int] | None,
     whole: Callable[[], pl.DataFrame],
     mapping: FlowMapping,
     side: str,
     refs: dict[str, pl.DataFrame],
-) -> tuple[pl.DataFrame, int]:
-    """A side's mapped frame from the one mapped earlier (``kept``, under the same
-    :func:`mapped_key`) and the snapshot's rows read since its newest read (``fresh``, of
-    a snapshot of ``height`` rows): a sensor's run of a few edits maps a few rows, not a
-    million. Returns the frame and how many rows were mapped now.
+) -> MappedSide:
+    """A side mapped from the frame an earlier run kept (under the same
+    :func:`mapped_key`) and ``fresh``, the snapshot's rows read since its newest read and
+    how many rows the snapshot holds: a sensor's run of a few edits maps a few rows, not
+    a million.
 
-    Without a kept frame, or when the result does not hold as many rows as the snapshot
+    Without a kept frame, or when the result would not hold as many rows as the snapshot
     (rows gone: it was made anew, smaller), the ``whole`` snapshot is mapped. A snapshot
     made anew starts above every earlier read, so all of it is fresh anyway.
     """
-    if kept is not None and kept.height and fresh is not None:
-        frame = upsert_rows(kept, map_side(fresh, mapping, side, refs)) if fresh.height else kept
-        if frame.height == height:
-            return frame, fresh.height
-    frame = map_side(whole(), mapping, side, refs)
-    return frame, frame.height
+    if kept is not None and kept.rows and fresh is not None:
+        rows, height = fresh
+        mapped = map_side(rows, mapping, side, refs)
+        ids = mapped.get_column("id").implode()
+        replaced = kept.scan().filter(pl.col("id").is_in(ids)).select(pl.len()).collect().item()
+        if kept.rows - replaced + mapped.height == height:
+            return MappedSide(mapped, kept)
+    return MappedSide(map_side(whole(), mapping, side, refs))
 
 
 def last_mark(state: SyncState, mapping: FlowMapping) -> Mark | None:

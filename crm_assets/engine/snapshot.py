@@ -7,6 +7,10 @@ a full rescan finds them. Its cursor is derived from the data itself (the
 newest modification time), so a snapshot and its cursor can never disagree.
 Each row also carries ``_seq``, the read that last changed it, so a run can plan
 only the records changed since the last one it confirmed.
+
+A snapshot is stored as a base and a delta: the rows reads changed since the base
+was written. A read of a few edits rewrites the small delta, not a million rows,
+and the delta is folded into the base once it outgrows a share of it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +37,13 @@ ERROR = "_error"
 #: the read that last changed a row: it only grows (a snapshot made anew starts above any
 #: earlier one's, from the clock), so "changed since read N" is ``_seq > N``
 SEQ = "_seq"
+#: a snapshot's delta is folded into its base once it holds more rows than this share of
+#: the base's, and more than :data:`COMPACT_MIN_ROWS` (below, rewriting the base is cheap)
+COMPACT_SHARE = 0.05
+COMPACT_MIN_ROWS = 1_000
+#: kept mapped frames older than this (other than the newest) are removed: a run's
+#: mapped files name the frame they extend, and a run's files are kept as long
+KEEP_MAPPED_SECONDS = 24 * 3600
 
 #: polars dtype per field kind of the connectors' field lists
 FIELD_DTYPES: dict[str, pl.DataType] = {
@@ -143,6 +155,8 @@ def _get(record: Mapping[str, Any], name: str) -> Any:
 class SnapshotChange:
     """A merged snapshot and what changed relative to the previous one."""
 
+    #: the merged rows: every row of ``previous`` (:meth:`SnapshotStore.merge` passes only
+    #: the rows a read touches) and the fetched ones
     frame: pl.DataFrame
     new: int
     changed: int
@@ -152,17 +166,14 @@ class SnapshotChange:
     touched: int = 0
     #: whether there was a snapshot before this read
     had_previous: bool = True
+    #: the number of this read (``_seq`` of the rows it changed)
+    seq: int = 0
 
     @property
     def to_store(self) -> pl.DataFrame | None:
         """The frame to store, or None when the stored snapshot holds the same rows (a read
         of the overlap window does not rewrite a million rows)."""
         return None if self.had_previous and not self.touched else self.frame
-
-    @property
-    def live(self) -> int:
-        """Records not deleted."""
-        return self.frame.filter(~pl.col(DELETED)).height
 
 
 def newest(
@@ -192,12 +203,14 @@ def merge_snapshot(
     id_field: str,
     modified: str,
     full_rescan: bool,
+    last_seq: int = 0,
 ) -> SnapshotChange:
     """The previous snapshot updated with fetched records, one row per id.
 
     Fetched records replace older rows of the same id (the newest modification
     wins, also within overlapping pages). In a full rescan, an id the CRM no
-    longer lists is kept as a row flagged deleted (a hard delete).
+    longer lists is kept as a row flagged deleted (a hard delete). ``last_seq``: the
+    newest read of the snapshot, when ``previous`` holds only part of it.
     """
     fetched = fetched.sort([modified, id_field], nulls_last=False).unique(
         subset=[id_field], keep="last", maintain_order=True
@@ -208,9 +221,8 @@ def merge_snapshot(
     stored_schema = previous.schema
     if SEQ not in previous.columns:  # a snapshot from before reads were numbered
         previous = previous.with_columns(pl.lit(0, dtype=pl.Int64).alias(SEQ))
-    this_read = pl.lit(
-        max(int(previous.get_column(SEQ).max() or 0) + 1, time.time_ns() // 1000), dtype=pl.Int64
-    )
+    seq = max(int(previous.get_column(SEQ).max() or 0) + 1, last_seq + 1, time.time_ns() // 1000)
+    this_read = pl.lit(seq, dtype=pl.Int64)
     missing = [c for c in fetched.columns if c not in previous.columns]  # an older snapshot
     wanted = {**fetched.schema, SEQ: pl.Int64()}
     previous = previous.with_columns(
@@ -260,22 +272,56 @@ def merge_snapshot(
         fetched=fetched.height,
         touched=touched + hard_deleted + (merged.height if retyped else 0),
         had_previous=had_previous,
+        seq=seq,
     )
 
 
-class SnapshotStore:
-    """Parquet snapshots under one folder: ``<root>/<system>/<object>.parquet``, each
-    beside ``<object>.read_at``, when its read began.
+#: the suffix of a snapshot's delta beside its base
+DELTA = ".delta.parquet"
 
-    Each write replaces the object whole (see :mod:`crm_assets.engine.storage`), so a
+
+@dataclass(frozen=True)
+class Delta:
+    """A snapshot's rows changed since its base was written (see :class:`SnapshotStore`)."""
+
+    frame: pl.DataFrame
+    id_field: str
+    modified: str
+
+    def newest(self, base: pl.DataFrame | pl.LazyFrame) -> tuple[pl.DataFrame, pl.Series]:
+        """Per id of the delta, the newer of its row and the base's (by modification time,
+        then read; a tie goes to the delta), and the delta's ids. A delta written from
+        before another run folded a newer read into the base never undoes that read."""
+        ids = self.frame.get_column(self.id_field).implode()
+        part = base.filter(pl.col(self.id_field).is_in(ids))
+        if isinstance(part, pl.LazyFrame):
+            part = part.collect()
+        rows = (
+            pl.concat([part, self.frame], how="diagonal_relaxed")
+            .sort([self.modified, SEQ], nulls_last=False, maintain_order=True)
+            .unique(self.id_field, keep="last", maintain_order=True)
+        )
+        return rows, ids
+
+
+class SnapshotStore:
+    """Parquet snapshots under one folder: ``<root>/<system>/<object>.parquet`` (the base),
+    beside ``<object>.delta.parquet`` (the rows reads changed since the base was written)
+    and ``<object>.read_at``, when the last read began.
+
+    Each write replaces an object whole (see :mod:`crm_assets.engine.storage`), so a
     failed run never leaves a half-written snapshot or overwrites the last good one.
+    The base is written before its delta is removed, and a delta row counts only where
+    it is newer than the base's (by modification, then read): a crash between the two,
+    or a delta written from before another run folded it in, reads as the same rows.
     The read time is an object of its own, written after the snapshot, because an S3
     object's time is when it was written and is not set afterwards: a crash between
     the two leaves an older time, which only makes a writer read again.
     """
 
-    def __init__(self, root: Storage | Path) -> None:
+    def __init__(self, root: Storage | Path, compact_min_rows: int = COMPACT_MIN_ROWS) -> None:
         self.root = root if isinstance(root, Storage) else Storage.at(root)
+        self.compact_min_rows = compact_min_rows
 
     def uri(self, system: str, obj: str) -> str:
         """Where the snapshot is, as an operator finds it."""
@@ -285,7 +331,18 @@ class SnapshotStore:
         return self.root.exists(system, f"{obj}.parquet")
 
     def read(self, system: str, obj: str) -> pl.DataFrame | None:
-        return self.root.read_parquet(system, f"{obj}.parquet")
+        """The whole snapshot, one row per id, or None before the first read."""
+        stored = self._stored(system, obj)
+        if stored is None:
+            return None
+        base, delta = stored
+        if delta is None:
+            return base.collect()
+        rows, ids = delta.newest(base)
+        return pl.concat(
+            [base.filter(~pl.col(delta.id_field).is_in(ids)).collect(), rows],
+            how="diagonal_relaxed",
+        )
 
     def read_at(self, system: str, obj: str) -> float | None:
         """When the stored snapshot's read began (epoch seconds), if it is known."""
@@ -293,41 +350,169 @@ class SnapshotStore:
         return None if text is None else float(text)
 
     def write(self, system: str, obj: str, frame: pl.DataFrame | None, read_started: float) -> str:
-        """Store the snapshot and when its read began; returns where it is. ``None``: the
-        read changed nothing, only its time is stored (a million rows are not rewritten
-        for a read of the overlap window)."""
+        """Store the whole snapshot (as its base, folding any delta in) and when its read
+        began; returns where it is. ``None``: the read changed nothing, only its time is
+        stored (a million rows are not rewritten for a read of the overlap window)."""
         if frame is not None:
             self.root.write_parquet(frame, system, f"{obj}.parquet")
+            self.root.delete(system, f"{obj}{DELTA}")
         self.root.write_text(repr(read_started), system, f"{obj}.read_at")
         return self.uri(system, obj)
 
+    def cursor(self, system: str, obj: str, modified: str, crm_now: datetime) -> datetime | None:
+        """The stored snapshot's cursor (see :func:`newest`), from its modification times only."""
+        stored = self._stored(system, obj)
+        if stored is None:
+            return None
+        base, delta = stored
+        times = [base.select(modified).collect()]
+        if delta is not None:  # a base row a delta row replaces is never the newer
+            times.append(delta.frame.select(modified))
+        return newest(pl.concat(times, how="vertical_relaxed"), modified, crm_now)
+
+    def merge(
+        self,
+        system: str,
+        obj: str,
+        fetched: pl.DataFrame,
+        id_field: str,
+        modified: str,
+        full_rescan: bool,
+        read_started: float,
+    ) -> tuple[SnapshotChange, pl.DataFrame]:
+        """Merge a read into the stored snapshot (:func:`merge_snapshot`) and store it.
+
+        Returns what changed, and the merged snapshot's ``modified`` and deleted columns
+        (its cursor and counts). A read of a few records rewrites the delta only; a first
+        read, a full rescan, a field added or retyped, or a delta past
+        :data:`COMPACT_SHARE` of the base writes the whole snapshot."""
+        stored = self._stored(system, obj)
+        wanted = {**fetched.schema, SEQ: pl.Int64()}
+        if (
+            full_rescan
+            or stored is None
+            or stored[0].collect_schema() != pl.Schema(wanted)
+            or (stored[1] is not None and stored[1].id_field != id_field)
+        ):
+            change = merge_snapshot(
+                self.read(system, obj), fetched, id_field, modified, full_rescan
+            )
+            self.write(system, obj, change.to_store, read_started)
+            return change, change.frame.select(modified, DELETED)
+        base, delta = stored
+        fetched_ids = fetched.get_column(id_field)
+        if delta is None:
+            previous = base.filter(pl.col(id_field).is_in(fetched_ids.implode())).collect()
+            in_delta = pl.lit(False)
+        else:
+            ids = pl.concat([delta.frame.get_column(id_field), fetched_ids]).implode()
+            part = base.filter(pl.col(id_field).is_in(ids)).collect()
+            rows, in_delta_ids = delta.newest(part)
+            in_delta = pl.col(id_field).is_in(in_delta_ids)
+            previous = pl.concat([part.filter(~in_delta), rows], how="diagonal_relaxed")
+        last_seq = int(base.select(pl.col(SEQ).max()).collect().item() or 0)
+        change = merge_snapshot(previous, fetched, id_field, modified, False, last_seq)
+        # the delta: what it held, and what this read changed (not the unchanged re-reads)
+        changed = change.frame.filter(in_delta | (pl.col(SEQ) == change.seq))
+        kept = base.filter(~pl.col(id_field).is_in(changed.get_column(id_field).implode()))
+        summary = pl.concat(
+            [kept.select(modified, DELETED).collect(), changed.select(modified, DELETED)]
+        )
+        if changed.height > max(self.compact_min_rows, COMPACT_SHARE * summary.height):
+            self.write(system, obj, pl.concat([kept.collect(), changed]), read_started)
+        elif change.touched:
+            buffer = io.BytesIO()
+            changed.write_parquet(buffer, metadata={"id": id_field, "modified": modified})
+            self.root.write_bytes(buffer.getvalue(), system, f"{obj}{DELTA}")
+            self.root.write_text(repr(read_started), system, f"{obj}.read_at")
+        else:
+            self.write(system, obj, None, read_started)
+        return change, summary
+
     def read_since(self, system: str, obj: str, seq: int) -> tuple[pl.DataFrame, int] | None:
         """The snapshot's rows read after ``seq``, and how many rows it holds, without
-        decoding the rest (a read's rows are stored last, so the row groups before them
-        are skipped by their statistics); None without a numbered snapshot."""
+        decoding the rest of the base (its newest reads are stored last, so the row groups
+        before them are skipped by their statistics); None without a numbered snapshot."""
+        stored = self._stored(system, obj)
+        if stored is None or SEQ not in stored[0].collect_schema().names():
+            return None
+        base, delta = stored
+        height = base.select(pl.len()).collect().item()
+        if delta is None:
+            return base.filter(pl.col(SEQ) > seq).collect(), height
+        ids = delta.frame.get_column(delta.id_field).implode()
+        found = base.filter((pl.col(SEQ) > seq) | pl.col(delta.id_field).is_in(ids)).collect()
+        part = found.filter(pl.col(delta.id_field).is_in(ids))
+        rows, _ = delta.newest(part)
+        fresh = pl.concat(
+            [found.filter(~pl.col(delta.id_field).is_in(ids)), rows.filter(pl.col(SEQ) > seq)],
+            how="diagonal_relaxed",
+        )
+        return fresh, height + rows.height - part.height
+
+    def _stored(self, system: str, obj: str) -> tuple[pl.LazyFrame, Delta | None] | None:
+        """The base (lazily: a read decodes the columns and rows it needs) and the delta."""
         data = self.root.read_bytes(system, f"{obj}.parquet")
         if data is None:
             return None
-        frame = pl.scan_parquet(io.BytesIO(data))
-        if SEQ not in frame.collect_schema().names():
-            return None
-        height = frame.select(pl.len()).collect().item()
-        return frame.filter(pl.col(SEQ) > seq).collect(), height
+        base = pl.scan_parquet(io.BytesIO(data))
+        raw = self.root.read_bytes(system, f"{obj}{DELTA}")
+        if raw is None:
+            return base, None
+        meta = pl.read_parquet_metadata(io.BytesIO(raw))
+        return base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"], meta["modified"])
 
-    def read_mapped(self, flow: str, side: str, key: str) -> pl.DataFrame | None:
+    def kept_mapped(self, flow: str, side: str, key: str) -> KeptFrame | None:
         """The side's mapped frame kept by an earlier run, if it was kept under ``key``
         (see :func:`crm_assets.engine.incremental.mapped_key`)."""
-        data = self.root.read_bytes(MAPPED, flow, f"{side}.parquet")
-        if data is None or pl.read_parquet_metadata(io.BytesIO(data)).get("key") != key:
+        name = self.root.read_text(MAPPED, flow, f"{side}.current")
+        data = None if name is None else self.root.read_bytes(MAPPED, flow, side, name)
+        if data is None:
             return None
-        return pl.read_parquet(io.BytesIO(data))
+        meta = pl.read_parquet_metadata(io.BytesIO(data))
+        if meta.get("key") != key:
+            return None
+        path = self.root.key(MAPPED, flow, side, name)
+        return KeptFrame(path, int(meta["seq"]), int(meta["rows"]), data)
 
-    def keep_mapped(self, flow: str, side: str, frame: pl.DataFrame, key: str) -> None:
-        """Keep a side's mapped frame for the next run, with the key it is valid under: one
-        object, replaced whole, so a reader gets one run's frame and that run's key."""
+    def keep_mapped(self, flow: str, side: str, frame: pl.DataFrame, key: str) -> KeptFrame:
+        """Keep a side's mapped frame for the next runs, with the key it is valid under.
+
+        Each kept frame is an object of its own that is never rewritten, so a run's
+        mapped files can name it (a run planning meanwhile still reads the frame it
+        mapped against); ``<side>.current`` names the newest. Frames older than
+        :data:`KEEP_MAPPED_SECONDS`, other than the newest, are removed."""
+        seq = int(frame.get_column("seq").max() or 0) if frame.height else 0
+        name = f"{seq}-{uuid.uuid4().hex[:12]}.parquet"
         buffer = io.BytesIO()
-        frame.write_parquet(buffer, metadata={"key": key})
-        self.root.write_bytes(buffer.getvalue(), MAPPED, flow, f"{side}.parquet")
+        frame.write_parquet(
+            buffer, metadata={"key": key, "seq": str(seq), "rows": str(frame.height)}
+        )
+        self.root.write_bytes(buffer.getvalue(), MAPPED, flow, side, name)
+        self.root.write_text(name, MAPPED, flow, f"{side}.current")
+        cutoff = time.time() - KEEP_MAPPED_SECONDS
+        folder = self.root.child(MAPPED, flow, side)
+        old = [k for k, at in folder.objects() if at < cutoff and not k.endswith(f"/{name}")]
+        if old:
+            folder.remove_keys(old)
+        return KeptFrame(
+            self.root.key(MAPPED, flow, side, name), seq, frame.height, buffer.getvalue()
+        )
+
+
+@dataclass(frozen=True)
+class KeptFrame:
+    """A side's mapped frame as an earlier run kept it (:meth:`SnapshotStore.keep_mapped`)."""
+
+    #: its key in the data folder (what a run's mapped files name)
+    path: str
+    #: the newest snapshot read it holds, and its rows
+    seq: int
+    rows: int
+    data: bytes
+
+    def scan(self) -> pl.LazyFrame:
+        return pl.scan_parquet(io.BytesIO(self.data))
 
 
 def since_with_overlap(cursor: datetime | None, overlap: timedelta) -> datetime | None:

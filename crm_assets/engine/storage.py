@@ -104,9 +104,11 @@ class Storage:
         data = self.read_bytes(*parts)
         return None if data is None else pl.read_parquet(io.BytesIO(data))
 
-    def write_parquet(self, frame: pl.DataFrame, *parts: str) -> None:
+    def write_parquet(
+        self, frame: pl.DataFrame, *parts: str, metadata: dict[str, str] | None = None
+    ) -> None:
         buffer = io.BytesIO()
-        frame.write_parquet(buffer)
+        frame.write_parquet(buffer, metadata=metadata)
         self.write_bytes(buffer.getvalue(), *parts)
 
     def modified(self, *parts: str) -> float | None:
@@ -146,6 +148,16 @@ class Storage:
             raise self._error("read", (), exc) from None
         for name, (newest, keys) in found.items():
             yield name, newest, keys
+
+    def objects(self) -> Iterator[tuple[str, float]]:
+        """Each object below this folder: its full key and when it was written."""
+        prefix = f"{self.prefix}/" if self.prefix else None
+        try:
+            for batch in obstore.list(self.store, prefix):
+                for meta in batch:
+                    yield meta["path"], meta["last_modified"].timestamp()
+        except BaseError as exc:
+            raise self._error("read", (), exc) from None
 
     def remove_keys(self, keys: list[str]) -> None:
         """Remove objects by their full keys (as :meth:`folders` lists them)."""

@@ -10,12 +10,14 @@ older than a day are removed when a new run starts.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
+from crm_assets.engine.incremental import MappedSide, upsert_rows
 from crm_assets.engine.reconcile import Plan
 from crm_assets.engine.storage import Storage
 
@@ -61,15 +63,30 @@ class FlowFiles:
             if run != self.run_id and newest < cutoff:
                 self.runs.remove_keys(keys)
 
-    def save_mapped(self, a: pl.DataFrame, b: pl.DataFrame) -> None:
+    def save_mapped(self, a: MappedSide, b: MappedSide) -> None:
+        """Each side's rows mapped now, naming the kept frame they update (not a copy)."""
         self.prune_old_runs()
-        self.folder.write_parquet(a, "mapped_a.parquet")
-        self.folder.write_parquet(b, "mapped_b.parquet")
+        for name, side in (("a", a), ("b", b)):
+            meta = {"kept": side.kept.path} if side.kept is not None else None
+            self.folder.write_parquet(side.fresh, f"mapped_{name}.parquet", metadata=meta)
 
     def load_mapped(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        return self._read(self.folder, "mapped_a.parquet"), self._read(
-            self.folder, "mapped_b.parquet"
-        )
+        """Both sides' whole mapped frames, as the mapped step saw them."""
+        return self._mapped("a"), self._mapped("b")
+
+    def _mapped(self, side: str) -> pl.DataFrame:
+        data = self._bytes(self.folder, f"mapped_{side}.parquet")
+        fresh, meta = pl.read_parquet(io.BytesIO(data)), pl.read_parquet_metadata(io.BytesIO(data))
+        if "kept" not in meta:
+            return fresh
+        root = Storage(self.runs.store, self.runs.url)
+        kept = root.read_parquet(meta["kept"])
+        if kept is None:
+            raise FileNotFoundError(
+                f"no {root.uri(meta['kept'])} (kept frames are removed after a day): "
+                "run the flow again"
+            )
+        return upsert_rows(kept, fresh)
 
     def save_plan(self, plan: Plan) -> None:
         """The plan, replacing the last one and its confirmations."""
@@ -140,8 +157,12 @@ class FlowFiles:
 
     @staticmethod
     def _read(folder: Storage, name: str) -> pl.DataFrame:
+        return pl.read_parquet(io.BytesIO(FlowFiles._bytes(folder, name)))
+
+    @staticmethod
+    def _bytes(folder: Storage, name: str) -> bytes:
         """A file the run's earlier step wrote: missing, it is an error naming where."""
-        frame = folder.read_parquet(name)
-        if frame is None:
+        data = folder.read_bytes(name)
+        if data is None:
             raise FileNotFoundError(f"no {folder.uri(name)}: run the flow's earlier steps first")
-        return frame
+        return data

@@ -19,12 +19,12 @@ import polars as pl
 from crm_assets.connectors import UnsupportedFlow, resolve_endpoint
 from crm_assets.engine.document import DataflowDocument, Endpoint, Flow
 from crm_assets.engine.incremental import (
+    MappedSide,
     Mark,
     Scope,
     changed_scope,
     changed_since,
     last_mark,
-    last_read,
     mapped_key,
     remap_side,
 )
@@ -120,37 +120,46 @@ def reference_links(state: SyncState, mapping: FlowMapping) -> dict[str, pl.Data
     return {ref: state.links(ref, {}).select("a_id", "b_id") for ref in mapping.references}
 
 
-def map_flow(
+def mapped_sides(
     mapping: FlowMapping,
     store: SnapshotStore,
     refs: dict[str, pl.DataFrame],
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Both sides of a flow as canonical frames (references translated through ``refs``).
+) -> tuple[MappedSide, MappedSide]:
+    """Both sides of a flow as canonical rows (references translated through ``refs``).
 
     Each side's mapped frame is kept in the store and only the rows read since are mapped
-    again (:func:`remap_side`); it is written back once :data:`KEEP_AFTER_ROWS` rows (or
-    the whole side) were mapped anew, as rewriting a million rows costs more than mapping
+    again (:func:`remap_side`); a new frame is kept once :data:`KEEP_AFTER_ROWS` rows (or
+    the whole side) were mapped anew, as writing a million rows costs more than mapping
     a thousand again."""
-    frames = []
+    sides = []
     for side in SIDES:
         obj = mapping.side(side)
         key = mapped_key(mapping, side, refs)
-        kept = store.read_mapped(mapping.name, side, key)
-        since = None if kept is None else store.read_since(obj.system_key, obj.obj, last_read(kept))
-        fresh, height = since or (None, 0)
-        frame, mapped_now = remap_side(
+        kept = store.kept_mapped(mapping.name, side, key)
+        mapped = remap_side(
             kept,
-            fresh,
-            height,
+            None if kept is None else store.read_since(obj.system_key, obj.obj, kept.seq),
             functools.partial(snapshot_of, store, mapping, side),
             mapping,
             side,
             refs,
         )
-        if mapped_now and mapped_now >= min(KEEP_AFTER_ROWS, frame.height):
-            store.keep_mapped(mapping.name, side, frame, key)
-        frames.append(frame)
-    return frames[0], frames[1]
+        rows = mapped.fresh.height
+        if rows and (mapped.kept is None or rows >= KEEP_AFTER_ROWS):
+            frame = mapped.frame()
+            mapped = MappedSide(frame.clear(), store.keep_mapped(mapping.name, side, frame, key))
+        sides.append(mapped)
+    return sides[0], sides[1]
+
+
+def map_flow(
+    mapping: FlowMapping,
+    store: SnapshotStore,
+    refs: dict[str, pl.DataFrame],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Both sides of a flow as whole canonical frames (see :func:`mapped_sides`)."""
+    a, b = mapped_sides(mapping, store, refs)
+    return a.frame(), b.frame()
 
 
 def gone_references(state: SyncState, mapping: FlowMapping) -> dict[str, pl.Series]:

@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import polars as pl
+
 from crm_assets.connector import CrmClient
 from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.snapshot import (
+    DELETED,
     SnapshotChange,
     SnapshotStore,
     future_dated,
-    merge_snapshot,
     newest,
     records_to_frame,
     since_with_overlap,
@@ -36,6 +38,9 @@ class SnapshotRun:
     future_dated: int = 0
     #: the CRM's clock minus ours, as its ``Date`` headers said during this read
     measured_offset: float | None = None
+    #: the stored snapshot's rows, and those not deleted
+    rows: int = 0
+    live: int = 0
 
 
 def take_snapshot(
@@ -54,33 +59,37 @@ def take_snapshot(
     idempotently, until its time has come.
     """
     read_started = time.time()
-    previous = store.read(source.system_key, source.obj)
-    if previous is not None and not full_rescan:
-        next(iter(client.pages(source.obj, None, 1)), None)  # one small read: the CRM's now
+    system, obj, modified = source.system_key, source.obj, source.modified_field
+    had_previous = store.exists(system, obj)
+    if had_previous and not full_rescan:
+        next(iter(client.pages(obj, None, 1)), None)  # one small read: the CRM's now
     crm_now = _crm_now(client)
     since = (
         None
         if full_rescan
-        else since_with_overlap(newest(previous, source.modified_field, crm_now), overlap)
+        else since_with_overlap(store.cursor(system, obj, modified, crm_now), overlap)
     )
     records: list[dict[str, Any]] = []
     pages = 0
-    for page in client.pages(source.obj, since):
+    for page in client.pages(obj, since):
         records.extend(page)
         pages += 1
     fetched = records_to_frame(records, source.fields, source.deleted_field)
-    change = merge_snapshot(previous, fetched, source.id_field, source.modified_field, full_rescan)
     # stamped with when its read began: a writer that released the flow after that is
     # newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
-    store.write(source.system_key, source.obj, change.to_store, read_started)
+    change, stored = store.merge(
+        system, obj, fetched, source.id_field, modified, full_rescan, read_started
+    )
     crm_now = _crm_now(client)
     return SnapshotRun(
         change,
         since,
         pages,
-        newest(change.frame, source.modified_field, crm_now),
-        future_dated(change.frame, source.modified_field, crm_now + overlap),
+        newest(stored, modified, crm_now),
+        future_dated(stored, modified, crm_now + overlap),
         client.clock_offset(),
+        rows=stored.height,
+        live=stored.filter(~pl.col(DELETED)).height,
     )
 
 
