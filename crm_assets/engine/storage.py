@@ -136,16 +136,12 @@ class Storage:
         """Each sub-folder's name, newest write (epoch seconds) and object keys."""
         found: dict[str, tuple[float, list[str]]] = {}
         prefix = f"{self.prefix}/" if self.prefix else ""
-        try:
-            for batch in obstore.list(self.store, prefix or None):
-                for meta in batch:
-                    name, sep, _rest = meta["path"].removeprefix(prefix).partition("/")
-                    if sep:
-                        newest, keys = found.get(name, (0.0, []))
-                        keys.append(meta["path"])
-                        found[name] = (max(newest, meta["last_modified"].timestamp()), keys)
-        except BaseError as exc:
-            raise self._error("read", (), exc) from None
+        for key, written in self.objects():
+            name, sep, _rest = key.removeprefix(prefix).partition("/")
+            if sep:
+                newest, keys = found.get(name, (0.0, []))
+                keys.append(key)
+                found[name] = (max(newest, written), keys)
         for name, (newest, keys) in found.items():
             yield name, newest, keys
 
