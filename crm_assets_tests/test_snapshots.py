@@ -22,6 +22,7 @@ from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.defs.resources import CrmResource, SyncStorage
 from crm_assets.defs.snapshots import build_snapshot_assets
 from crm_assets.engine.document import read_document
+from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.http import CrmUnavailable
 from crm_assets.settings import packaged_spec_path
 from crm_assets.sync import flow_mappings
@@ -84,7 +85,11 @@ class Snapshots:
         return self.tmp_path / "snapshots" / f"{key}.parquet"
 
     def frame(self, key: str) -> pl.DataFrame:
-        return pl.read_parquet(self.path(key))
+        """The stored snapshot, its base with the delta of later reads."""
+        system, obj = key.split("/")
+        frame = SnapshotStore(self.tmp_path / "snapshots").read(system, obj)
+        assert frame is not None, f"no snapshot of {key}"
+        return frame
 
 
 def custom_client(service: EmbeddedService) -> CustomCrmClient:

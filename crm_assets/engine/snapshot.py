@@ -286,19 +286,19 @@ class Delta:
 
     frame: pl.DataFrame
     id_field: str
-    modified: str
 
     def newest(self, base: pl.DataFrame | pl.LazyFrame) -> tuple[pl.DataFrame, pl.Series]:
-        """Per id of the delta, the newer of its row and the base's (by modification time,
-        then read; a tie goes to the delta), and the delta's ids. A delta written from
-        before another run folded a newer read into the base never undoes that read."""
+        """Per id of the delta, the later read of its row and the base's (a tie goes to the
+        delta), and the delta's ids. A delta written from before another run folded a
+        later read into the base never undoes that read. Reads, not modification times,
+        decide: a CRM whose clock was set back stamps a newer edit with an older time."""
         ids = self.frame.get_column(self.id_field).implode()
         part = base.filter(pl.col(self.id_field).is_in(ids))
         if isinstance(part, pl.LazyFrame):
             part = part.collect()
         rows = (
             pl.concat([part, self.frame], how="diagonal_relaxed")
-            .sort([self.modified, SEQ], nulls_last=False, maintain_order=True)
+            .sort(SEQ, nulls_last=False, maintain_order=True)
             .unique(self.id_field, keep="last", maintain_order=True)
         )
         return rows, ids
@@ -312,7 +312,7 @@ class SnapshotStore:
     Each write replaces an object whole (see :mod:`crm_assets.engine.storage`), so a
     failed run never leaves a half-written snapshot or overwrites the last good one.
     The base is written before its delta is removed, and a delta row counts only where
-    it is newer than the base's (by modification, then read): a crash between the two,
+    it comes from a later read than the base's: a crash between the two,
     or a delta written from before another run folded it in, reads as the same rows.
     The read time is an object of its own, written after the snapshot, because an S3
     object's time is when it was written and is not set afterwards: a crash between
@@ -330,19 +330,18 @@ class SnapshotStore:
     def exists(self, system: str, obj: str) -> bool:
         return self.root.exists(system, f"{obj}.parquet")
 
-    def read(self, system: str, obj: str) -> pl.DataFrame | None:
-        """The whole snapshot, one row per id, or None before the first read."""
+    def read(self, system: str, obj: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+        """The whole snapshot, one row per id (only ``columns``, when given), or None
+        before the first read."""
         stored = self._stored(system, obj)
         if stored is None:
             return None
         base, delta = stored
         if delta is None:
-            return base.collect()
+            return base.select(columns or pl.all()).collect()
         rows, ids = delta.newest(base)
-        return pl.concat(
-            [base.filter(~pl.col(delta.id_field).is_in(ids)).collect(), rows],
-            how="diagonal_relaxed",
-        )
+        kept = base.filter(~pl.col(delta.id_field).is_in(ids)).select(columns or pl.all())
+        return pl.concat([kept.collect(), rows.select(columns or pl.all())], how="diagonal_relaxed")
 
     def read_at(self, system: str, obj: str) -> float | None:
         """When the stored snapshot's read began (epoch seconds), if it is known."""
@@ -361,14 +360,7 @@ class SnapshotStore:
 
     def cursor(self, system: str, obj: str, modified: str, crm_now: datetime) -> datetime | None:
         """The stored snapshot's cursor (see :func:`newest`), from its modification times only."""
-        stored = self._stored(system, obj)
-        if stored is None:
-            return None
-        base, delta = stored
-        times = [base.select(modified).collect()]
-        if delta is not None:  # a base row a delta row replaces is never the newer
-            times.append(delta.frame.select(modified))
-        return newest(pl.concat(times, how="vertical_relaxed"), modified, crm_now)
+        return newest(self.read(system, obj, [modified]), modified, crm_now)
 
     def merge(
         self,
@@ -422,7 +414,7 @@ class SnapshotStore:
             self.write(system, obj, pl.concat([kept.collect(), changed]), read_started)
         elif change.touched:
             buffer = io.BytesIO()
-            changed.write_parquet(buffer, metadata={"id": id_field, "modified": modified})
+            changed.write_parquet(buffer, metadata={"id": id_field})
             self.root.write_bytes(buffer.getvalue(), system, f"{obj}{DELTA}")
             self.root.write_text(repr(read_started), system, f"{obj}.read_at")
         else:
@@ -460,7 +452,7 @@ class SnapshotStore:
         if raw is None:
             return base, None
         meta = pl.read_parquet_metadata(io.BytesIO(raw))
-        return base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"], meta["modified"])
+        return base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"])
 
     def kept_mapped(self, flow: str, side: str, key: str) -> KeptFrame | None:
         """The side's mapped frame kept by an earlier run, if it was kept under ``key``
