@@ -129,7 +129,7 @@ class MappedSide:
         """Every row of the side."""
         if self.kept is None:
             return self.fresh
-        return upsert_rows(self.kept.scan().collect(), self.fresh)
+        return upsert_rows(self.kept.scan(), self.fresh)
 
     def counts(self) -> dict[str, int]:
         """Its records (not deleted), conversion errors and unresolved references, reading
@@ -242,11 +242,11 @@ class Scope:
     links: pl.DataFrame
 
 
-def upsert_rows(frame: pl.DataFrame, changed: pl.DataFrame) -> pl.DataFrame:
-    """A mapped frame with the changed records' rows replaced (or added)."""
-    return pl.concat(
-        [frame.filter(~pl.col("id").is_in(changed.get_column("id").implode())), changed]
-    )
+def upsert_rows(frame: pl.DataFrame | pl.LazyFrame, changed: pl.DataFrame) -> pl.DataFrame:
+    """A mapped frame with the changed records' rows replaced (or added); a scanned one
+    drops the replaced rows as it is read, not in a copy after."""
+    kept = frame.filter(~pl.col("id").is_in(changed.get_column("id").implode()))
+    return pl.concat([kept.collect() if isinstance(kept, pl.LazyFrame) else kept, changed])
 
 
 def changed_scope(

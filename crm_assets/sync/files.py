@@ -80,13 +80,13 @@ class FlowFiles:
         if "kept" not in meta:
             return fresh
         root = Storage(self.runs.store, self.runs.url)
-        kept = root.read_parquet(meta["kept"])
+        kept = root.read_bytes(meta["kept"])
         if kept is None:
             raise FileNotFoundError(
                 f"no {root.uri(meta['kept'])} (kept frames are removed after a day): "
                 "run the flow again"
             )
-        return upsert_rows(kept, fresh)
+        return upsert_rows(pl.scan_parquet(io.BytesIO(kept)), fresh)
 
     def save_plan(self, plan: Plan) -> None:
         """The plan, replacing the last one and its confirmations."""
