@@ -177,6 +177,7 @@ def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any
             store.merge(
                 obj.system_key,
                 obj.obj,
+                store.open(obj.system_key, obj.obj),
                 picked[side].drop(SEQ),
                 obj.id_field,
                 obj.modified_field,

@@ -139,7 +139,14 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
                     store.write(obj.system_key, obj.obj, change.to_store, float(step))
                 else:
                     change, _ = store.merge(
-                        obj.system_key, obj.obj, fetched, id_field, modified, full, float(step)
+                        obj.system_key,
+                        obj.obj,
+                        store.open(obj.system_key, obj.obj),
+                        fetched,
+                        id_field,
+                        modified,
+                        full,
+                        float(step),
                     )
                 before = None if previous is None else whole_read[side]
                 expected = merge_snapshot(before, fetched, id_field, modified, full)
@@ -182,7 +189,7 @@ def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_re
     older = first.with_columns(
         pl.col(modified) + timedelta(seconds=1), pl.lit("older").alias(title)
     )
-    store.merge(system, obj, older, id_field, modified, False, 1.0)
+    store.merge(system, obj, store.open(system, obj), older, id_field, modified, False, 1.0)
     stale = (tmp_path / system / f"{obj}.delta.parquet").read_bytes()
     newer = (
         SEED["a"]
@@ -190,13 +197,13 @@ def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_re
         .with_columns(pl.col(modified) + timedelta(seconds=2), pl.lit("newer").alias(title))
     )
     store.compact_min_rows = 0  # the other run's read (5 of 40 rows) folds the delta in
-    store.merge(system, obj, newer, id_field, modified, False, 2.0)
+    store.merge(system, obj, store.open(system, obj), newer, id_field, modified, False, 2.0)
     assert not (tmp_path / system / f"{obj}.delta.parquet").exists()
     (tmp_path / system / f"{obj}.delta.parquet").write_bytes(stale)  # the first run's delta
     record = store.read(system, obj).filter(pl.col(id_field) == first.item(0, id_field))
     assert record.item(0, title) == "newer"
     now = datetime.now(UTC)
-    assert store.cursor(system, obj, modified, now) == store.read(system, obj)[modified].max()
+    assert store.open(system, obj).cursor(modified, now) == store.read(system, obj)[modified].max()
     fresh, height = store.read_since(system, obj, 0)
     assert height == SEED["a"].height
     assert fresh.filter(pl.col(id_field) == first.item(0, id_field)).item(0, title) == "newer"

@@ -304,6 +304,28 @@ class Delta:
         return rows, ids
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A snapshot as stored: its base (lazily: a read decodes the columns and rows it
+    needs) and its delta."""
+
+    base: pl.LazyFrame
+    delta: Delta | None
+
+    def frame(self, columns: list[str] | None = None) -> pl.DataFrame:
+        """The whole snapshot, one row per id (only ``columns``, when given)."""
+        wanted = columns or pl.all()
+        if self.delta is None:
+            return self.base.select(wanted).collect()
+        rows, ids = self.delta.newest(self.base)
+        kept = self.base.filter(~pl.col(self.delta.id_field).is_in(ids)).select(wanted)
+        return pl.concat([kept.collect(), rows.select(wanted)], how="diagonal_relaxed")
+
+    def cursor(self, modified: str, crm_now: datetime) -> datetime | None:
+        """The snapshot's cursor (see :func:`newest`), from its modification times only."""
+        return newest(self.frame([modified]), modified, crm_now)
+
+
 class SnapshotStore:
     """Parquet snapshots under one folder: ``<root>/<system>/<object>.parquet`` (the base),
     beside ``<object>.delta.parquet`` (the rows reads changed since the base was written)
@@ -333,15 +355,8 @@ class SnapshotStore:
     def read(self, system: str, obj: str, columns: list[str] | None = None) -> pl.DataFrame | None:
         """The whole snapshot, one row per id (only ``columns``, when given), or None
         before the first read."""
-        stored = self._stored(system, obj)
-        if stored is None:
-            return None
-        base, delta = stored
-        if delta is None:
-            return base.select(columns or pl.all()).collect()
-        rows, ids = delta.newest(base)
-        kept = base.filter(~pl.col(delta.id_field).is_in(ids)).select(columns or pl.all())
-        return pl.concat([kept.collect(), rows.select(columns or pl.all())], how="diagonal_relaxed")
+        stored = self.open(system, obj)
+        return None if stored is None else stored.frame(columns)
 
     def read_at(self, system: str, obj: str) -> float | None:
         """When the stored snapshot's read began (epoch seconds), if it is known."""
@@ -358,40 +373,36 @@ class SnapshotStore:
         self.root.write_text(repr(read_started), system, f"{obj}.read_at")
         return self.uri(system, obj)
 
-    def cursor(self, system: str, obj: str, modified: str, crm_now: datetime) -> datetime | None:
-        """The stored snapshot's cursor (see :func:`newest`), from its modification times only."""
-        return newest(self.read(system, obj, [modified]), modified, crm_now)
-
     def merge(
         self,
         system: str,
         obj: str,
+        stored: Stored | None,
         fetched: pl.DataFrame,
         id_field: str,
         modified: str,
         full_rescan: bool,
         read_started: float,
     ) -> tuple[SnapshotChange, pl.DataFrame]:
-        """Merge a read into the stored snapshot (:func:`merge_snapshot`) and store it.
+        """Merge a read into the snapshot as ``stored`` (:meth:`open`, before the read) and
+        store it.
 
         Returns what changed, and the merged snapshot's ``modified`` and deleted columns
         (its cursor and counts). A read of a few records rewrites the delta only; a first
         read, a full rescan, a field added or retyped, or a delta past
         :data:`COMPACT_SHARE` of the base writes the whole snapshot."""
-        stored = self._stored(system, obj)
         wanted = {**fetched.schema, SEQ: pl.Int64()}
         if (
             full_rescan
             or stored is None
-            or stored[0].collect_schema() != pl.Schema(wanted)
-            or (stored[1] is not None and stored[1].id_field != id_field)
+            or stored.base.collect_schema() != pl.Schema(wanted)
+            or (stored.delta is not None and stored.delta.id_field != id_field)
         ):
-            change = merge_snapshot(
-                self.read(system, obj), fetched, id_field, modified, full_rescan
-            )
+            previous = None if stored is None else stored.frame()
+            change = merge_snapshot(previous, fetched, id_field, modified, full_rescan)
             self.write(system, obj, change.to_store, read_started)
             return change, change.frame.select(modified, DELETED)
-        base, delta = stored
+        base, delta = stored.base, stored.delta
         fetched_ids = fetched.get_column(id_field)
         if delta is None:
             previous = base.filter(pl.col(id_field).is_in(fetched_ids.implode())).collect()
@@ -425,10 +436,10 @@ class SnapshotStore:
         """The snapshot's rows read after ``seq``, and how many rows it holds, without
         decoding the rest of the base (its newest reads are stored last, so the row groups
         before them are skipped by their statistics); None without a numbered snapshot."""
-        stored = self._stored(system, obj)
-        if stored is None or SEQ not in stored[0].collect_schema().names():
+        stored = self.open(system, obj)
+        if stored is None or SEQ not in stored.base.collect_schema().names():
             return None
-        base, delta = stored
+        base, delta = stored.base, stored.delta
         height = base.select(pl.len()).collect().item()
         if delta is None:
             return base.filter(pl.col(SEQ) > seq).collect(), height
@@ -442,17 +453,18 @@ class SnapshotStore:
         )
         return fresh, height + rows.height - part.height
 
-    def _stored(self, system: str, obj: str) -> tuple[pl.LazyFrame, Delta | None] | None:
-        """The base (lazily: a read decodes the columns and rows it needs) and the delta."""
+    def open(self, system: str, obj: str) -> Stored | None:
+        """The stored snapshot, read once (a run's cursor and merge share it), or None
+        before the first read."""
         data = self.root.read_bytes(system, f"{obj}.parquet")
         if data is None:
             return None
         base = pl.scan_parquet(io.BytesIO(data))
         raw = self.root.read_bytes(system, f"{obj}{DELTA}")
         if raw is None:
-            return base, None
+            return Stored(base, None)
         meta = pl.read_parquet_metadata(io.BytesIO(raw))
-        return base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"])
+        return Stored(base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"]))
 
     def kept_mapped(self, flow: str, side: str, key: str) -> KeptFrame | None:
         """The side's mapped frame kept by an earlier run, if it was kept under ``key``

@@ -60,14 +60,14 @@ def take_snapshot(
     """
     read_started = time.time()
     system, obj, modified = source.system_key, source.obj, source.modified_field
-    had_previous = store.exists(system, obj)
-    if had_previous and not full_rescan:
+    stored = store.open(system, obj)
+    if stored is not None and not full_rescan:
         next(iter(client.pages(obj, None, 1)), None)  # one small read: the CRM's now
     crm_now = _crm_now(client)
     since = (
         None
-        if full_rescan
-        else since_with_overlap(store.cursor(system, obj, modified, crm_now), overlap)
+        if full_rescan or stored is None
+        else since_with_overlap(stored.cursor(modified, crm_now), overlap)
     )
     records: list[dict[str, Any]] = []
     pages = 0
@@ -77,19 +77,19 @@ def take_snapshot(
     fetched = records_to_frame(records, source.fields, source.deleted_field)
     # stamped with when its read began: a writer that released the flow after that is
     # newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
-    change, stored = store.merge(
-        system, obj, fetched, source.id_field, modified, full_rescan, read_started
+    change, summary = store.merge(
+        system, obj, stored, fetched, source.id_field, modified, full_rescan, read_started
     )
     crm_now = _crm_now(client)
     return SnapshotRun(
         change,
         since,
         pages,
-        newest(stored, modified, crm_now),
-        future_dated(stored, modified, crm_now + overlap),
+        newest(summary, modified, crm_now),
+        future_dated(summary, modified, crm_now + overlap),
         client.clock_offset(),
-        rows=stored.height,
-        live=stored.filter(~pl.col(DELETED)).height,
+        rows=summary.height,
+        live=summary.filter(~pl.col(DELETED)).height,
     )
 
 
