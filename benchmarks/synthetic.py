@@ -178,6 +178,6 @@ def save_state(state: State, mapping: FlowMapping, db: SyncState) -> None:
     names = mapping.names
     base = state.links.select("a_id", "b_id", *[pl.col(f"base.{c}").alias(c) for c in names])
     rows = ((r.pop("a_id"), r.pop("b_id"), r) for r in base.iter_rows(named=True))
-    db.save_links(mapping.name, rows, run_id="benchmark-setup")
+    db.save_links(mapping.name, rows, run_id="benchmark-setup", columns=mapping.dtypes)
     with db.engine.begin() as conn:
         conn.execute(sa.update(links).values(updated_at=datetime.now(UTC) - timedelta(days=1)))

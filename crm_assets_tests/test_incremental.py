@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from conftest import SyncWorld
 
 from crm_assets.engine import incremental
@@ -76,11 +77,43 @@ def test_a_run_after_a_confirmed_one_plans_only_the_edited_pair(
     assert sum(t == "Chief Tester" for t in titles.values()) == 1
 
 
+def bases_read(outcome: SyncOutcome, flow: str) -> int:
+    return int(outcome.of(f"{flow}/reconciled")["base_values_read"])
+
+
 def test_a_full_rescan_plans_everything(either_world: SyncWorld):
-    seeded(either_world)
+    copies = seeded(either_world)
     outcome = sync(full_rescan=True)
     assert plan_of(outcome, either_world.contacts) == ("full", 2 * CONTACTS)
     assert written(outcome, either_world.contacts) == 0
+    # every pair hashes like its base: the full plan reads no base value at all
+    assert bases_read(outcome, either_world.contacts) == 0
+    with either_world.office_client() as b:
+        b.replace("contacts", copies[5]["id"], {**copies[5], "title": "Night Auditor"})
+    outcome = sync(full_rescan=True)
+    assert bases_read(outcome, either_world.contacts) == 1  # the edited pair's only
+    with either_world.custom_client() as a:
+        titles = [r["Title"] for page in a.pages("contacts") for r in page]
+    assert titles.count("Night Auditor") == 1
+
+
+def test_a_state_database_from_before_base_digests_syncs_on(either_world: SyncWorld):
+    """A state database an earlier version wrote (schema 1: bases without their digests)
+    is upgraded in place: the first full plan reads every base, writes nothing to the
+    CRMs and saves the digests, so the next reads none."""
+    seeded(either_world)
+    engine = sa.create_engine(either_world.state_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE links DROP COLUMN base_hash"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 1"))
+    outcome = sync(full_rescan=True)
+    assert bases_read(outcome, either_world.contacts) == CONTACTS
+    assert written(outcome, either_world.contacts) == 0
+    outcome = sync(full_rescan=True)
+    assert bases_read(outcome, either_world.contacts) == 0
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar() == 2
+    engine.dispose()
 
 
 def without_row(document: Path, field: str, out: Path) -> Path:

@@ -254,6 +254,7 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
                 "dry_run": config.dry_run,
                 "scope": plan.scope,
                 "records_in_scope": plan.scoped_records,
+                "base_values_read": plan.base_values_read,
                 "plan": dg.MetadataValue.md(plan_markdown(plan, mapping)),
             }
         )

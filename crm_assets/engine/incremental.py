@@ -263,7 +263,7 @@ def changed_scope(
     Each pass over a million-row frame costs milliseconds, so only what is new is looked
     up: rows of ids not fetched yet, links of ids not asked for yet, and merge-key values
     not searched yet; the rows a key search finds are taken as they are."""
-    dtypes = {c.name: c.dtype for c in mapping.columns}
+    dtypes = mapping.dtypes
     frames = {"a": a, "b": b}
     keys = [f"key{i}" for i in range(len(mapping.merge))]
 

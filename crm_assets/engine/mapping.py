@@ -69,6 +69,11 @@ class FlowMapping:
         return [c.name for c in self.columns]
 
     @property
+    def dtypes(self) -> dict[str, pl.DataType]:
+        """Each canonical column's type (base values are read back as these)."""
+        return {c.name: c.dtype for c in self.columns}
+
+    @property
     def key_columns(self) -> frozenset[str]:
         """The canonical columns that are merge keys: compared in canonical form, so two
         spellings of one key never overwrite each other."""

@@ -27,6 +27,7 @@ from datetime import datetime
 import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping, canonical_key
+from crm_assets.engine.state import values_digest
 
 SIDES = ("a", "b")
 
@@ -95,6 +96,9 @@ class Plan:
     scope: str = "full"
     #: how many records (both sides) the plan looked at
     scoped_records: int = 0
+    #: how many links' base values the plan read (a full plan: those whose records no
+    #: longer hash like their base, or whose digest is not known)
+    base_values_read: int = 0
     #: what the plan read (a :class:`crm_assets.engine.incremental.Mark` as JSON): saved as
     #: the flow's mark once its writes are done, so the next run starts from it
     mark: str | None = None
@@ -122,11 +126,15 @@ def reconcile_flow(
     pending_creates: pl.DataFrame | None = None,
     gone_references: Mapping[str, pl.Series] | None = None,
     whole: Whole | None = None,
+    bases: Callable[[pl.Series], pl.DataFrame] | None = None,
 ) -> Plan:
     """The plan for one flow.
 
     ``links``: ``a_id, b_id, tombstoned`` and ``base.<column>`` values (null
-    where there is no base yet, ``has_base`` false). ``pending_creates``:
+    where there is no base yet, ``has_base`` false); or, with ``bases``, the
+    ``base_hash`` of each base (:func:`values_digest`, null where unknown) instead of
+    its values, which ``bases`` gives (``a_id, base.<column>``) for the links whose
+    records no longer hash like their base. ``pending_creates``:
     ``side, source_id`` of creates whose outcome is unknown (a crash between the
     call and the state commit): their records are matched on all mapped values
     too, so a create that landed is linked instead of made twice. ``gone_references``:
@@ -136,7 +144,7 @@ def reconcile_flow(
     """
     options = options or ReconcileOptions()
     cols = mapping.names
-    base_dtypes = {c: links.schema[f"base.{c}"] for c in cols}
+    base_dtypes = {c.name: links.schema.get(f"base.{c.name}", c.dtype) for c in mapping.columns}
     held = whole.held if whole else {"a": live_count(a), "b": live_count(b)}
     scoped = a.height + b.height
     a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
@@ -147,12 +155,13 @@ def reconcile_flow(
     # at a million links: a pair whose both sides still hash like the base did nothing since
     # the last sync and is dropped before any value is gathered; the others are gathered by
     # row number, without another join. (A hash collision could hide a change with odds of
-    # about 2^-64 per pair.)
+    # about 2^-64 per pair.) With ``bases``, the state's digests stand for the bases, so
+    # the base values of pairs that did nothing are never read at all.
     def digest(frame: pl.DataFrame, prefix: str) -> pl.Series:
         if not cols:  # a flow with no property rows: every record hashes alike
             return pl.zeros(frame.height, pl.UInt64, eager=True).alias(f"{prefix}.h")
         values = frame.select([pl.col(f"{prefix}.{c}").alias(c) for c in cols])
-        return values.hash_rows().alias(f"{prefix}.h")
+        return values_digest(values).alias(f"{prefix}.h")
 
     def slim(frame: pl.DataFrame, side: str) -> pl.LazyFrame:
         flags = [f"{side}.deleted", f"{side}.unresolved", f"{side}.error"]
@@ -165,7 +174,11 @@ def reconcile_flow(
 
     known = (
         links.select("a_id", "b_id", "tombstoned", "has_base")
-        .with_columns(digest(links, "base"))
+        .with_columns(
+            digest(links, "base")
+            if bases is None
+            else links.get_column("base_hash").alias("base.h")
+        )
         .with_row_index("link.row")
         .lazy()
         .join(slim(a, "a"), on="a_id", how="left")
@@ -211,11 +224,27 @@ def reconcile_flow(
         & ~pl.col("b.unresolved")
         & pl.col("a.error").is_null()
         & pl.col("b.error").is_null()
-    )
+    ).fill_null(False)  # a digest not known: the base is read and compared
     active = known.filter(~a_gone & ~b_gone & ~quiet)
+    # a base whose digest is not known (saved before the state kept digests) is saved again
+    unknown = pl.col("has_base") & pl.col("base_hash").is_null()
+    active_links = (
+        links.drop("a_id", "b_id")
+        .gather(active.get_column("link.row"))
+        .select(
+            pl.exclude("base_hash"),
+            (unknown if "base_hash" in links.columns else pl.lit(False)).alias("unknown_digest"),
+        )
+    )
+    if bases is not None:
+        ids = active.select("a_id")
+        values = ids.join(
+            bases(ids.get_column("a_id")), on="a_id", how="left", maintain_order="left"
+        )
+        active_links = active_links.hstack(values.drop("a_id"))
     linked = pl.concat(
         [
-            links.drop("a_id", "b_id").gather(active.get_column("link.row")),
+            active_links,
             a.gather(active.get_column("a.row")),
             b.gather(active.get_column("b.row")),
         ],
@@ -395,7 +424,12 @@ def reconcile_flow(
         pairs.with_columns(
             differs["a"].alias("write_a"),
             differs["b"].alias("write_b"),
-            (rebase | pl.col("new_link") | ~pl.col("has_base")).alias("rebase"),
+            (
+                rebase
+                | pl.col("new_link")
+                | ~pl.col("has_base")
+                | pl.col("unknown_digest").fill_null(False)
+            ).alias("rebase"),
         )
         .filter(pl.col("write_a") | pl.col("write_b") | pl.col("rebase"))
         .select(
@@ -451,6 +485,7 @@ def reconcile_flow(
         rebuild_links=options.rebuild_links,
         scope="incremental" if whole else "full",
         scoped_records=scoped,
+        base_values_read=links.height if bases is None else active.height,
     )
     plan.counts = plan_counts(plan)
     plan.blocked = _breaker(plan, linked_count, options, mapping, held)

@@ -2,8 +2,10 @@
 audit log, flow settings and cursors, through SQLAlchemy Core.
 
 SQLite by default, PostgreSQL by URL. Every write is one transaction. Base
-values are stored per link as JSON; a flow's links load without a Python object
-per row (SQLite aggregates them into a few texts, PostgreSQL answers in Arrow
+values are stored per link as JSON, with a 64-bit digest of them (:func:`values_digest`):
+a full plan loads every link with its digest only, and the values of the few pairs
+whose records no longer hash like their base. A flow's links load without a Python
+object per row (SQLite aggregates them into a few texts, PostgreSQL answers in Arrow
 through ADBC) and their bases decode as one NDJSON document, in parallel.
 """
 
@@ -22,7 +24,8 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-SCHEMA_VERSION = 1
+#: 2: links keep their base's digest (``base_hash``)
+SCHEMA_VERSION = 2
 
 #: Tries at creating the schema (a concurrent creator makes the first fail).
 MIGRATE_ATTEMPTS = 5
@@ -51,6 +54,9 @@ links = sa.Table(
     sa.Column("b_id", sa.String(200), nullable=False),
     sa.Column("tombstoned", sa.Boolean, nullable=False, default=False),
     sa.Column("base", sa.Text, nullable=True),  # JSON of canonical values; null: no base yet
+    # values_digest of the base as a signed 64-bit integer; null: not known (written before
+    # schema 2), so the plan reads the base itself
+    sa.Column("base_hash", sa.BigInteger, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("flow", "b_id", name="uq_links_flow_b"),
     # an incremental plan reads the links changed since the last one (links_changed_since)
@@ -189,12 +195,40 @@ def _json(value: Any) -> Any:
     return value
 
 
+def values_digest(values: pl.DataFrame) -> pl.Series:
+    """One 64-bit hash per row of canonical values: a pair whose two records hash like its
+    base changed nothing since the last sync (a collision would hide a change with odds of
+    about 2^-64 per pair)."""
+    return values.hash_rows()
+
+
+def _read_bases(text: str | bytes, columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """Bases as NDJSON lines (``{}`` for none), typed as the flow's canonical columns."""
+    return pl.read_ndjson(text.encode() if isinstance(text, str) else text, schema=dict(columns))
+
+
+def _stored_bases(
+    bases: Sequence[Mapping[str, Any] | None], columns: Mapping[str, pl.DataType]
+) -> list[tuple[str | None, int | None]]:
+    """Each base as stored: its JSON text and the digest of its values as a plan reads them
+    back (decoded as ``columns``), as a signed 64-bit integer."""
+    texts = [None if b is None else json.dumps({k: _json(v) for k, v in b.items()}) for b in bases]
+    present = [t for t in texts if t is not None]
+    if columns and present:
+        digests = values_digest(_read_bases("\n".join(present), columns))
+        found = iter(digests.reinterpret(signed=True).to_list())
+    else:  # a flow without property rows: every base hashes as zero, as its plan reads them
+        found = iter([0] * len(present))
+    return [(t, None if t is None else next(found)) for t in texts]
+
+
 #: A link as read: the base is its JSON text, "" when the link has none yet.
 LINK_SCHEMA: dict[str, pl.DataType] = {
     "a_id": pl.String(),
     "b_id": pl.String(),
     "tombstoned": pl.Int8(),
     "base": pl.String(),
+    "base_hash": pl.Int64(),
 }
 
 
@@ -203,7 +237,9 @@ def _link_query(flow: str, with_base: bool) -> sa.Select:
     has = sa.case((links.c.base.is_(None), ""), else_="{}")
     base = sa.func.coalesce(links.c.base, "") if with_base else has
     tombstoned = sa.cast(links.c.tombstoned, sa.Integer)
-    return sa.select(links.c.a_id, links.c.b_id, tombstoned, base).where(links.c.flow == flow)
+    return sa.select(links.c.a_id, links.c.b_id, tombstoned, base, links.c.base_hash).where(
+        links.c.flow == flow
+    )
 
 
 def _arrow_connector(url: sa.URL) -> Callable[[], Any] | None:
@@ -223,39 +259,73 @@ def _arrow_connector(url: sa.URL) -> Callable[[], Any] | None:
 #: How a query is written for the ADBC PostgreSQL driver (numbered placeholders).
 ADBC_DIALECT = postgresql.dialect(paramstyle="numeric_dollar")
 
-#: Links per statement of :func:`_sqlite_links`: its texts stay far below SQLite's 1 GB.
+#: Rows of the links table (by rowid, any flow), or ids asked for, per statement of
+#: :func:`_sqlite_links`: its texts stay far below SQLite's 1 GB.
 SQLITE_LINK_CHUNK = 500_000
 
-_SQLITE_LINKS = sa.text(
-    """
+_SQLITE_LINK_TEXTS = """
     SELECT json_group_array(a_id), json_group_array(b_id), json_group_array(tombstoned),
-           json_group_array(has_base), group_concat(coalesce(base, '{}'), char(10)),
-           count(*), max(rowid)
-    FROM (SELECT rowid, a_id, b_id, tombstoned, base IS NOT NULL AS has_base,
-                 CASE WHEN :with_base THEN base END AS base
-          FROM links NOT INDEXED  -- the table in rowid order: one sequential pass
-          WHERE flow = :flow AND rowid > :after ORDER BY rowid LIMIT :chunk)
-    """
+           json_group_array(base IS NOT NULL), json_group_array(base_hash),
+           CAST(group_concat(CASE WHEN :with_base THEN coalesce(base, '{}') END, char(10))
+                AS BLOB),
+           count(*)
+    FROM links
+"""
+#: A range of the table in rowid order: one sequential pass.
+_SQLITE_LINK_RANGE = sa.text(
+    _SQLITE_LINK_TEXTS + "NOT INDEXED WHERE flow = :flow AND rowid > :after AND rowid <= :until"
 )
+#: The links of some ids (a JSON array), each found through the index on it.
+_SQLITE_LINKS_OF = {
+    column: sa.text(
+        _SQLITE_LINK_TEXTS
+        + f"WHERE flow = :flow AND {column} IN (SELECT value FROM json_each(:ids))"
+    )
+    for column in ("a_id", "b_id")
+}
 
 
 def _sqlite_links(
-    conn: sa.Connection, flow: str, with_base: bool
-) -> list[tuple[pl.DataFrame, str]]:
-    """A flow's links from SQLite as ``(keys, bases)`` chunks, each one statement whose
-    columns come back as a few long texts (JSON arrays; the bases as NDJSON lines), so no
-    row ever becomes a Python object: a million links load in about a second."""
-    chunks: list[tuple[pl.DataFrame, str]] = []
-    after = 0
-    while True:
-        params = {"flow": flow, "after": after, "chunk": SQLITE_LINK_CHUNK, "with_base": with_base}
-        row = conn.execute(_SQLITE_LINKS, params).one()
-        a_ids, b_ids, tombstoned, has_base, bases, count, after = row
+    conn: sa.Connection,
+    flow: str,
+    with_base: bool,
+    ids: tuple[str, Sequence[str]] | None = None,
+) -> list[tuple[pl.DataFrame, bytes]]:
+    """A flow's links from SQLite (all, or those whose ``ids[0]`` column is one of
+    ``ids[1]``) as ``(keys, bases)`` chunks, each one statement whose columns come back as a
+    few long texts (JSON arrays; the bases as NDJSON lines, as bytes: never decoded into a
+    Python string), so no row ever becomes a Python object."""
+    if ids is None:
+        top = conn.execute(sa.text("SELECT max(rowid) FROM links")).scalar() or 0
+        statements = [
+            (_SQLITE_LINK_RANGE, {"after": after, "until": after + SQLITE_LINK_CHUNK})
+            for after in range(0, top, SQLITE_LINK_CHUNK)
+        ]
+    else:
+        column, values = ids
+        statements = [
+            (
+                _SQLITE_LINKS_OF[column],
+                {
+                    "ids": json.dumps(
+                        list(values[start : start + SQLITE_LINK_CHUNK]), ensure_ascii=False
+                    )
+                },
+            )
+            for start in range(0, len(values), SQLITE_LINK_CHUNK)
+        ]
+    chunks: list[tuple[pl.DataFrame, bytes]] = []
+    for statement, params in statements:
+        row = conn.execute(statement, {**params, "flow": flow, "with_base": with_base}).one()
+        a_ids, b_ids, tombstoned, has_base, digests, bases, count = row
+        if not count:
+            continue
+        texts = {"a_id": a_ids, "b_id": b_ids, "t": tombstoned, "h": has_base, "d": digests}
         keys = (
-            pl.DataFrame({"a_id": [a_ids], "b_id": [b_ids], "t": [tombstoned], "h": [has_base]})
+            pl.DataFrame({name: [text] for name, text in texts.items()})
             .select(
                 pl.col("a_id", "b_id").str.json_decode(pl.List(pl.String)),
-                pl.col("t", "h").str.json_decode(pl.List(pl.Int64)),
+                pl.col("t", "h", "d").str.json_decode(pl.List(pl.Int64)),
             )
             .explode(pl.all())
             .select(
@@ -263,37 +333,42 @@ def _sqlite_links(
                 "b_id",
                 tombstoned=pl.col("t").cast(pl.Boolean),
                 has_base=pl.col("h").cast(pl.Boolean),
+                base_hash=pl.col("d"),
             )
         )
-        if count:
-            chunks.append((keys, bases if with_base else ""))
-        if count < SQLITE_LINK_CHUNK:
-            return chunks
+        chunks.append((keys, bases or b""))
+    return chunks
 
 
 def _split_bases(frame: pl.DataFrame) -> tuple[pl.DataFrame, str]:
     """Links read as rows (``LINK_SCHEMA``) as ``(keys, bases as NDJSON lines)``."""
     keys = frame.select(
-        "a_id", "b_id", pl.col("tombstoned").cast(pl.Boolean), has_base=pl.col("base") != ""
+        "a_id",
+        "b_id",
+        pl.col("tombstoned").cast(pl.Boolean),
+        has_base=pl.col("base") != "",
+        base_hash=pl.col("base_hash"),
     )
     bases = frame.select(pl.col("base").replace("", "{}").str.join("\n")).item()
     return keys, bases or ""
 
 
 def _decode_links(
-    chunks: Sequence[tuple[pl.DataFrame, str]], columns: Mapping[str, pl.DataType]
+    chunks: Sequence[tuple[pl.DataFrame, str | bytes]], columns: Mapping[str, pl.DataType]
 ) -> pl.DataFrame:
-    """Links with their base values: each chunk's bases are one NDJSON document (a line per
-    link, ``{}`` where it has none), which polars' JSON reader decodes in parallel."""
+    """Links with their base digests (``base_hash``, as :func:`values_digest` gives them;
+    null where not known) and base values: each chunk's bases are one NDJSON document (a
+    line per link, ``{}`` where it has none), which polars' JSON reader decodes in parallel."""
     empty = {"a_id": pl.String, "b_id": pl.String, "tombstoned": pl.Boolean, "has_base": pl.Boolean}
-    empty |= {f"base.{name}": dtype for name, dtype in columns.items()}
+    empty |= {"base_hash": pl.Int64} | {f"base.{name}": dtype for name, dtype in columns.items()}
     frames = [pl.DataFrame(schema=empty)]
     for keys, bases in chunks:
         if columns:
-            values = pl.read_ndjson(bases.encode(), schema=dict(columns))
+            values = _read_bases(bases, columns)
             keys = keys.hstack(values.select(pl.all().name.prefix("base.")))
         frames.append(keys)
-    return pl.concat(frames, how="vertical_relaxed")
+    found = pl.concat(frames, how="vertical_relaxed")
+    return found.with_columns(pl.col("base_hash").reinterpret(signed=False))
 
 
 class SyncState:
@@ -327,6 +402,9 @@ class SyncState:
             metadata.create_all(conn)
             for index in links.indexes:  # added since: create_all passes over existing tables
                 index.create(conn, checkfirst=True)
+            if "base_hash" not in {c["name"] for c in sa.inspect(conn).get_columns("links")}:
+                # schema 1: its links' digests stay unknown (null) until they are saved again
+                conn.execute(sa.text("ALTER TABLE links ADD COLUMN base_hash BIGINT"))
             found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
             if found is None:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
@@ -334,6 +412,9 @@ class SyncState:
                 raise RuntimeError(
                     f"state database schema {found} is newer than this program ({SCHEMA_VERSION})"
                 )
+            elif found < SCHEMA_VERSION:
+                # a program of schema 1 would save bases without their digests: it stops here
+                conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -454,15 +535,33 @@ class SyncState:
         b_ids: Iterable[str] = (),
     ) -> pl.DataFrame:
         """The links of a flow touching these ids (an incremental run's share of the state)."""
-        query = _link_query(flow, bool(columns))
-        found = [
-            self.frame(query.where(column.in_(ids[start : start + 5000])), LINK_SCHEMA)
-            for column, ids in ((links.c.a_id, list(a_ids)), (links.c.b_id, list(b_ids)))
-            for start in range(0, len(ids), 5000)
-        ]
-        frame = pl.concat(found) if found else pl.DataFrame(schema=LINK_SCHEMA)
-        links_found = _decode_links([_split_bases(frame)], columns)
+        asked = {"a_id": list(a_ids), "b_id": list(b_ids)}
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                chunks = [
+                    chunk
+                    for column, ids in asked.items()
+                    if ids
+                    for chunk in _sqlite_links(conn, flow, bool(columns), (column, ids))
+                ]
+        else:
+            query = _link_query(flow, bool(columns))
+            found = [
+                self.frame(query.where(links.c[column].in_(ids[start : start + 5000])), LINK_SCHEMA)
+                for column, ids in asked.items()
+                for start in range(0, len(ids), 5000)
+            ]
+            chunks = [_split_bases(pl.concat(found))] if found else []
+        links_found = _decode_links(chunks, columns)
         return links_found.unique("a_id", keep="first", maintain_order=True)
+
+    def bases(
+        self, flow: str, columns: Mapping[str, pl.DataType], a_ids: pl.Series
+    ) -> pl.DataFrame:
+        """``a_id, base.<column>`` of these links of a flow: a full plan reads the values of
+        the pairs whose records no longer hash like their base, not of all."""
+        found = self.links_for(flow, columns, a_ids.to_list())
+        return found.select("a_id", *[f"base.{name}" for name in columns])
 
     def live_links(self, flow: str) -> pl.DataFrame:
         """``a_id, b_id`` of a flow's links that are not tombstoned (for references)."""
@@ -472,22 +571,29 @@ class SyncState:
         return self.frame(query, {"a_id": pl.String, "b_id": pl.String})
 
     def save_links(
-        self, flow: str, rows: Iterable[tuple[str, str, Mapping[str, Any] | None]], run_id: str
+        self,
+        flow: str,
+        rows: Iterable[tuple[str, str, Mapping[str, Any] | None]],
+        run_id: str,
+        *,
+        columns: Mapping[str, pl.DataType],
     ) -> None:
-        """Link ``(a_id, b_id)`` pairs with their base values (one transaction)."""
+        """Link ``(a_id, b_id)`` pairs with their base values (one transaction); ``columns``:
+        the flow's canonical columns, as its plans read the bases back."""
         at = now()
+        rows = list(rows)
+        stored = _stored_bases([base for _a, _b, base in rows], columns)
         payload = [
             {
                 "flow": flow,
                 "a_id": a_id,
                 "b_id": b_id,
                 "tombstoned": False,
-                "base": None
-                if base is None
-                else json.dumps({k: _json(v) for k, v in base.items()}),
+                "base": text,
+                "base_hash": digest,
                 "updated_at": at,
             }
-            for a_id, b_id, base in rows
+            for (a_id, b_id, _base), (text, digest) in zip(rows, stored, strict=True)
         ]
         with self.engine.begin() as conn:
             self._upsert(conn, links, payload, ("flow", "a_id"))
@@ -551,13 +657,17 @@ class SyncState:
         side: str,
         created: Sequence[tuple[str, str, str, Mapping[str, Any]]],
         run_id: str,
+        *,
+        columns: Mapping[str, pl.DataType],
     ) -> None:
-        """Creates the CRM confirmed: ``(intent key, source id, new id, values)``; link them."""
+        """Creates the CRM confirmed: ``(intent key, source id, new id, values)``; link them
+        (``columns`` as for :meth:`save_links`)."""
         if not created:
             return
         at = now()
         link_rows = []
-        for _key, source_id, new_id, values in created:
+        stored = _stored_bases([values for *_ids, values in created], columns)
+        for (_key, source_id, new_id, _values), (text, digest) in zip(created, stored, strict=True):
             a_id, b_id = (source_id, new_id) if side == "b" else (new_id, source_id)
             link_rows.append(
                 {
@@ -565,7 +675,8 @@ class SyncState:
                     "a_id": a_id,
                     "b_id": b_id,
                     "tombstoned": False,
-                    "base": json.dumps({k: _json(v) for k, v in values.items()}),
+                    "base": text,
+                    "base_hash": digest,
                     "updated_at": at,
                 }
             )

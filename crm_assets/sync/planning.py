@@ -199,9 +199,11 @@ def plan_flow(
     options = replace(options, clock_offsets=offsets)
     mark = None if full or options.rebuild_links else last_mark(state, mapping)
     changed = changed_since(mapping, a, b, state, mark) if mark else None
-    whole, earlier = None, None
+    whole, earlier, bases = None, None, None
     if mark is None or changed is None:
-        links = state.links(mapping.name, {c.name: c.dtype for c in mapping.columns})
+        # every link with its base's digest; the values only of pairs that changed
+        links = state.links(mapping.name, {})
+        bases = functools.partial(state.bases, mapping.name, mapping.dtypes)
         scope = Scope(a, b, links)
     else:
         whole = Whole(state.link_count(mapping.name), {"a": live_count(a), "b": live_count(b)})
@@ -209,7 +211,7 @@ def plan_flow(
         links, earlier = scope.links, (mark, scope)
     pending = state.pending_creates(mapping.name)
     gone = gone_references(state, mapping)
-    plan = reconcile_flow(mapping, scope.a, scope.b, links, options, pending, gone, whole)
+    plan = reconcile_flow(mapping, scope.a, scope.b, links, options, pending, gone, whole, bases)
     plan.mark = Mark.after(mapping, (a, b), started, plan.ambiguous, earlier).to_json()
     if links.height or whole or options.rebuild_links or state.synced(mapping.name):
         return plan

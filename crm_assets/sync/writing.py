@@ -96,7 +96,12 @@ class FlowWriter:
         if plan.rebuild_links:
             if self.first:
                 new = plan.pairs.filter(pl.col("new_link")).select("a_id", "b_id")
-                self.state.save_links(flow, [(a, b, None) for a, b in new.iter_rows()], self.run_id)
+                self.state.save_links(
+                    flow,
+                    [(a, b, None) for a, b in new.iter_rows()],
+                    self.run_id,
+                    columns=self.mapping.dtypes,
+                )
                 self.result.linked = new.height
             self.result.skipped = "rebuilding links: nothing written or created"
             return self.result, set()
@@ -152,7 +157,7 @@ class FlowWriter:
         )
         rows = [(r[0], r[1], r[2]) for r in self._with_base(no_write)]
         rows += [(a, b, None) for a, b in new_with_writes.select("a_id", "b_id").iter_rows()]
-        self.state.save_links(flow, rows, self.run_id)
+        self.state.save_links(flow, rows, self.run_id, columns=self.mapping.dtypes)
         self._settle_dead_letters(no_write)
         # a record linked now needs no create: a create whose answer was lost (and whose
         # record the lookup found) leaves no dead letter behind
@@ -217,7 +222,9 @@ class FlowWriter:
         else:
             other_ok = list(confirmed_other or set())
             done = pairs.filter(~pl.col(f"write_{side_b}") | pl.col("a_id").is_in(other_ok))
-        self.state.save_links(self.mapping.name, self._with_base(done), self.run_id)
+        self.state.save_links(
+            self.mapping.name, self._with_base(done), self.run_id, columns=self.mapping.dtypes
+        )
         self._settle_dead_letters(done)
 
     def _settle_dead_letters(self, pairs: pl.DataFrame) -> None:
@@ -467,7 +474,9 @@ class FlowWriter:
             else:
                 # a lost answer leaves the intent pending: the next plan looks the record up
                 self.result.failures.append((f"{source}:{sid}", "create", outcome.message or ""))
-        self.state.finish_creates(self.mapping.name, self.side, done, self.run_id)
+        self.state.finish_creates(
+            self.mapping.name, self.side, done, self.run_id, columns=self.mapping.dtypes
+        )
         self.state.resolve_dead_letters(
             self.mapping.name, self.side, [f"{source}:{sid}" for _k, sid, _n, _v in done]
         )
