@@ -44,13 +44,16 @@ class Mark:
     """What the last confirmed plan of a flow covered: the document's rows (a digest),
     each side's snapshot reads, when it was made, and the records it left ambiguous
     (a change of one's merge key away from the others settles them all, and the old
-    key is nowhere else to be found)."""
+    key is nowhere else to be found), and how many links the flow had at least (links are
+    never removed, only tombstoned: the breaker need not count them when a plan changes
+    fewer records than its share of these)."""
 
     digest: str
     a: int
     b: int
     at: str  # ISO time of the plan
     ambiguous: dict[str, list[str]] = field(default_factory=lambda: {"a": [], "b": []})
+    links: int = 0
 
     @classmethod
     def after(
@@ -59,11 +62,12 @@ class Mark:
         frames: tuple[pl.DataFrame, pl.DataFrame],
         at: datetime,
         ambiguous: pl.DataFrame,
+        links: int,
         earlier: tuple[Mark, Scope] | None = None,
     ) -> Mark:
         """The mark a plan of the mapped ``frames`` leaves once written: ``ambiguous`` is
-        the plan's (``side, id``); an incremental plan keeps ``earlier`` ambiguous records
-        outside its scope."""
+        the plan's (``side, id``), ``links`` how many links the flow has at least; an
+        incremental plan keeps ``earlier`` ambiguous records outside its scope."""
         found = ambiguous.select("side", pl.col("id").cast(pl.String))
         if earlier is not None:
             mark, scope = earlier
@@ -85,6 +89,7 @@ class Mark:
             *(last_read(f) for f in frames),
             at.isoformat(),
             {s: ids[s].to_list() for s in ids},
+            links,
         )
 
     def to_json(self) -> str:

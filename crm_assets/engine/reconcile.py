@@ -107,10 +107,14 @@ class Plan:
 @dataclass(frozen=True)
 class Whole:
     """The whole flow's counts when a reconcile sees an incremental scope: the breaker
-    judges shares of the whole flow, not of the scope."""
+    judges shares of the whole flow, not of the scope. Its links are counted (``links``,
+    called once per side at most) only when a share is judged that ``links_at_least``
+    cannot settle: counting a million costs more than planning a sensor's few edits."""
 
-    links: int
+    links: Callable[[], int]
     held: dict[str, int]
+    #: how many links the flow had at least when its last plan was made
+    links_at_least: int = 0
 
 
 def _empty_ids(*names: str) -> pl.DataFrame:
@@ -466,8 +470,8 @@ def reconcile_flow(
             copies,
         ]
     )
-    total = whole.links if whole else known.height
-    linked_count = {"a": total, "b": total}
+    total = whole.links if whole else lambda: known.height
+    at_least = whole.links_at_least if whole else known.height
     plan = Plan(
         flow=mapping.name,
         columns=cols,
@@ -488,7 +492,7 @@ def reconcile_flow(
         base_values_read=links.height if bases is None else active.height,
     )
     plan.counts = plan_counts(plan)
-    plan.blocked = _breaker(plan, linked_count, options, mapping, held)
+    plan.blocked = _breaker(plan, (total, at_least), options, mapping, held)
     return plan
 
 
@@ -640,17 +644,20 @@ FORCE_HINT = (
 
 def _breaker(
     plan: Plan,
-    linked: dict[str, int],
+    linked: tuple[Callable[[], int], int],
     options: ReconcileOptions,
     mapping: FlowMapping,
     held: dict[str, int],
 ) -> str | None:
     """Why the plan must not be written, if so: too many updates or deletes on one side,
     or a first sync without merge criteria that would copy records into a CRM that holds
-    records of that object already (it cannot tell a copy from the same person)."""
+    records of that object already (it cannot tell a copy from the same person).
+    ``linked``: counts the flow's links, and how many it has at least (no count is needed
+    when too few records change to trip the breaker even then)."""
     if options.force:
         return None
-    if not mapping.merge and linked["a"] == 0 and linked["b"] == 0:
+    count, at_least = linked
+    if not mapping.merge and at_least == 0 and count() == 0:
         into = [
             f"{plan.counts[f'creates_{side}']} into {mapping.side(side).system}, which "
             f"holds {held[side]} {mapping.side(side).obj} already"
@@ -667,8 +674,10 @@ def _breaker(
                 f"{FORCE_HINT}"
             )
     for side in SIDES:
-        total = linked[side]
         touched = plan.counts[f"updates_{side}"] + plan.counts[f"deletes_{side}"]
+        if touched <= options.max_update_share * at_least:
+            continue
+        total = count()
         if total >= options.breaker_min_links and touched > options.max_update_share * total:
             return (
                 f"circuit breaker: {touched} of {total} linked records in "

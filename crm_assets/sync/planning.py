@@ -206,13 +206,18 @@ def plan_flow(
         bases = functools.partial(state.bases, mapping.name, mapping.dtypes)
         scope = Scope(a, b, links)
     else:
-        whole = Whole(state.link_count(mapping.name), {"a": live_count(a), "b": live_count(b)})
+        count = functools.cache(functools.partial(state.link_count, mapping.name))
+        whole = Whole(count, {"a": live_count(a), "b": live_count(b)}, mark.links)
         scope = changed_scope(mapping, a, b, state, *changed)
         links, earlier = scope.links, (mark, scope)
     pending = state.pending_creates(mapping.name)
     gone = gone_references(state, mapping)
     plan = reconcile_flow(mapping, scope.a, scope.b, links, options, pending, gone, whole, bases)
-    plan.mark = Mark.after(mapping, (a, b), started, plan.ambiguous, earlier).to_json()
+    if whole is None:
+        at_least = links.height
+    else:  # counted by the breaker, or as the last mark knew it
+        at_least = count() if count.cache_info().currsize else whole.links_at_least
+    plan.mark = Mark.after(mapping, (a, b), started, plan.ambiguous, at_least, earlier).to_json()
     if links.height or whole or options.rebuild_links or state.synced(mapping.name):
         return plan
     if plan.blocked and not mapping.merge:  # the breaker says what a first sync lacks
