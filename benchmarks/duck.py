@@ -121,7 +121,7 @@ def _plan(
     )
     plan.counts = plan_counts(plan)
     (live,) = con.execute(sql.live_links()).fetchall()[0]
-    plan.blocked = circuit_breaker(plan, {"a": live, "b": live}, options, mapping, held)
+    plan.blocked = circuit_breaker(plan, (lambda: live, live), options, mapping, held)
     return plan
 
 
