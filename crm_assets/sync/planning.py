@@ -179,11 +179,14 @@ def plan_flow(
     options: ReconcileOptions | None = None,
     earlier_runs: str | None = None,
     full: bool = False,
+    links: pl.DataFrame | None = None,
 ) -> Plan:
     """The plan of one flow from its mapped frames and the state database.
 
     After a confirmed run of the same document rows, only what changed since is
     planned (:mod:`crm_assets.engine.incremental`); ``full`` plans every record.
+    ``links``: the flow's links as ``state.links(flow, {})`` gives them, when the caller
+    read them already (a full plan reads them otherwise).
 
     A flow with no link and no completed sync in this state, while ``earlier_runs``
     (what the caller knows: a data directory or Dagster instance that saw syncs of
@@ -202,7 +205,7 @@ def plan_flow(
     whole, earlier, bases = None, None, None
     if mark is None or changed is None:
         # every link with its base's digest; the values only of pairs that changed
-        links = state.links(mapping.name, {})
+        links = state.links(mapping.name, {}) if links is None else links
         bases = functools.partial(state.bases, mapping.name, mapping.dtypes)
         scope = Scope(a, b, links)
     else:

@@ -260,11 +260,11 @@ def _reasons(
     state: SyncState,
     mapped: dict[str, pl.DataFrame],
     refs: dict[str, pl.DataFrame],
+    links: pl.DataFrame,
 ) -> pl.DataFrame:
     """Why records are unlinked, most telling first: ``side, id, reason, detail, rank``."""
-    plan = plan_flow(
-        mapping, mapped["a"], mapped["b"], state, ReconcileOptions(mode="read_only"), full=True
-    )
+    read_only = ReconcileOptions(mode="read_only")
+    plan = plan_flow(mapping, mapped["a"], mapped["b"], state, read_only, full=True, links=links)
     names = {"a": mapping.a.system, "b": mapping.b.system}
     parts: list[pl.DataFrame] = []
     # ambiguous: two or more candidates, or one candidate that matches others too
@@ -359,7 +359,7 @@ def unlinked_table(mapping: FlowMapping, store: SnapshotStore, state: SyncState)
     a, b = map_flow(mapping, store, refs)
     mapped = {"a": a, "b": b}
     links = state.links(mapping.name, {})
-    reasons = _reasons(mapping, state, mapped, refs).unique(
+    reasons = _reasons(mapping, state, mapped, refs, links).unique(
         ["side", "id"], keep="first", maintain_order=True
     )
     name = display_name(mapping)

@@ -50,7 +50,8 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
     a, b = map_flow(mapping, store, refs)
     mapped = {"a": a, "b": b}
     links = state.links(mapping.name, {})  # the checks read pairs, not base values
-    plan = plan_flow(mapping, a, b, state, ReconcileOptions(mode="read_only"), full=True)
+    read_only = ReconcileOptions(mode="read_only")
+    plan = plan_flow(mapping, a, b, state, read_only, full=True, links=links)
     checks = flow_checks(
         mapping,
         mapped,
