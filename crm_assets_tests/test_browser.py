@@ -117,7 +117,7 @@ OPERATOR_VIEWPORT = {"width": 1920, "height": 1080}
 #: (10-20 s on a loaded 2-core machine) and the run itself.
 OPERATOR_RUN_TIMEOUT = 300.0
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
-WRITES_STEP = f"{FLOW}__writes_to_crm_office"
+WRITES_STEP = f"{FLOW}__writes"
 #: The run config the breaker's message asks for, as typed into the launchpad.
 FORCE_CONFIG = f"ops:\n  {FLOW}__reconciled:\n    config:\n      force: true\n"
 #: The Title a bulk edit gives most contacts (more than half: the breaker trips).

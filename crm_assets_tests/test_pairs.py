@@ -30,12 +30,12 @@ from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.headless import SyncOutcome, execute_sync
 from crm_assets.sync import (
-    FlowWriter,
     flow_mappings,
     map_flow,
     plan_flow,
     reference_links,
     take_snapshot,
+    write_flow,
 )
 
 #: 33 tests, each with two to four real syncs: about three minutes on two cores.
@@ -442,8 +442,7 @@ def test_a_record_changed_between_plan_and_write_loses_no_edit(pair_world: PairW
         assert plan.counts[f"updates_{letter}"] == 1
         race = w.by_email(written)["race@example.com"]
         w.edit(written, race["id"], mobile="2")  # someone edits after the plan was made
-        writer = FlowWriter(mapping, plan, state, store, clients[written], letter, "race", refs)
-        result, _ = writer.run(set())
+        result = write_flow(mapping, plan, state, store, clients, "race", refs)[letter]
     assert result.retried_412 == 1 and result.failed == 0
     race = w.by_email(written)["race@example.com"]
     assert (race[LAST], race[MOBILE]) == ("New", "2")  # the plan landed, the edit stayed

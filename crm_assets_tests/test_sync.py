@@ -255,7 +255,7 @@ def test_dry_run_plans_but_writes_nothing(either_world: SyncWorld, mode: str):
 def test_a_record_changed_between_plan_and_write_is_reread_and_remerged(either_world: SyncWorld):
     """No lost update: the write carries If-Match; the 412 re-reads and merges again."""
     from crm_assets.engine.snapshot import SnapshotStore
-    from crm_assets.sync import FlowWriter, map_flow, plan_flow, reference_links
+    from crm_assets.sync import map_flow, plan_flow, reference_links, write_flow
 
     with either_world.custom_client() as a:
         c = a.create("contacts", {"Email": "race@example.com", "Title": "Old", "Phone": "1"})
@@ -276,8 +276,7 @@ def test_a_record_changed_between_plan_and_write_is_reread_and_remerged(either_w
         assert plan.counts[f"updates_{custom_side}"] == 1
         # someone edits another field in Custom CRM after the plan was made
         a.update("contacts", c["Id"], {"Phone": "2"})
-        writer = FlowWriter(mapping, plan, state, store, a, custom_side, "race-run", refs)
-        result, _ = writer.run(set())
+        result = write_flow(mapping, plan, state, store, clients, "race-run", refs)[custom_side]
         assert result.retried_412 == 1 and result.failed == 0
         after = a.get("contacts", c["Id"])
     assert after["Title"] == "New from CRMOffice"  # the planned write landed

@@ -1,5 +1,5 @@
-"""Per-flow sync assets: mapped → reconciled (the plan) → writes to the document's target
-system → writes to its source system.
+"""Per-flow sync assets: mapped → reconciled (the plan) → writes to both systems (one
+step, both CRMs at once, an asset per CRM).
 
 Thin wiring: every step calls :mod:`crm_assets.sync`. The plan is an asset of
 its own, so it can be looked at before anything is written (a dry run stops
@@ -8,6 +8,8 @@ writes, so Products/Companies sync before Contacts.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import dagster as dg
@@ -20,13 +22,13 @@ from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.reconcile import Plan, ReconcileOptions
 from crm_assets.sync import (
     WRITE_ORDER,
-    FlowWriter,
     WriteResult,
     confirm_plan,
     mapped_sides,
     named_counts,
     plan_flow,
     reference_links,
+    write_flow,
 )
 from crm_assets.sync.guard import check_plan_current, refresh_if_stale, take_flow
 from crm_assets.sync.planning import StateRefused
@@ -259,68 +261,70 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
             }
         )
 
-    assets = [mapped, reconciled]
-    previous: dg.AssetsDefinition = reconciled
-    for side in WRITE_ORDER:
-        assets.append(_writes_asset(mapping, side, previous))
-        previous = assets[-1]
-    return assets
+    return [mapped, reconciled, _writes_asset(mapping)]
 
 
-def _writes_asset(
-    mapping: FlowMapping, side: str, upstream: dg.AssetsDefinition
-) -> dg.AssetsDefinition:
-    first, last = side == WRITE_ORDER[0], side == WRITE_ORDER[-1]
-    system, system_key = mapping.side(side).system, mapping.side(side).system_key
+def _writes_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
+    """One step writes both CRMs of the flow at once, one asset per CRM written."""
+    systems = {side: mapping.side(side) for side in WRITE_ORDER}
 
-    @dg.asset(
-        key=writes_key(mapping, side),
-        group_name=mapping.name,
-        deps=[upstream],
-        kinds={"python"},
-        required_resource_keys={"storage", system_key},
+    @dg.multi_asset(
+        name=f"{mapping.name}__writes",
+        specs=[
+            dg.AssetSpec(
+                writes_key(mapping, side),
+                group_name=mapping.name,
+                deps=[flow_key(mapping, "reconciled")],
+                kinds={"python"},
+                description=f"The plan of '{mapping.title}' applied to {obj.system} "
+                "(written in one step with the flow's other CRM, at the same time).",
+            )
+            for side, obj in systems.items()
+        ],
+        required_resource_keys={"storage", *(obj.system_key for obj in systems.values())},
         pool=flow_pool(mapping),
-        description=f"The plan of '{mapping.title}' applied to {system}.",
     )
-    def writes(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def writes(context: dg.AssetExecutionContext) -> Iterator[dg.MaterializeResult]:
         storage = context.resources.storage
-        files = storage.flow_files(mapping.name, context.run.run_id)
+        run_id = context.run.run_id
+        files = storage.flow_files(mapping.name, run_id)
         plan = files.load_plan()
         state = storage.state()
-        if not is_held(mapping.name, context.run.run_id):  # a step re-executed on its own
+        if not is_held(mapping.name, run_id):  # a step re-executed on its own
             check_plan_current(
-                take_flow(state, mapping, context.run.run_id, via_of(context)),
-                files.plan_written_at(),
+                take_flow(state, mapping, run_id, via_of(context)), files.plan_written_at()
             )
-        if first and plan.blocked and not plan.read_only:
+        if plan.blocked and not plan.read_only:
             raise dg.Failure(description=plan.blocked, metadata=named_counts(plan, mapping))
-        confirmed_other = None if first else files.load_confirmed()
-        with getattr(context.resources, system_key).client() as client:
-            writer = FlowWriter(
+        with ExitStack() as stack:
+            clients = {
+                key: stack.enter_context(getattr(context.resources, key).client())
+                for key in {obj.system_key for obj in systems.values()}
+            }
+            results = write_flow(
                 mapping,
                 plan,
                 state,
                 storage.snapshots(),
-                client,
-                side,
-                context.run.run_id,
+                clients,
+                run_id,
                 reference_links(state, mapping),
                 progress=context.log.info,
             )
-            result, confirmed = writer.run(confirmed_other)
-        if first:
-            files.save_confirmed(confirmed)
-        if last:
-            if confirm_plan(state, plan, context.run.run_id):
-                storage.mark_synced(mapping.name, context.run.run_id)
-            release_held(context.run.run_id, mapping.name)
-        if result.failures:  # the run stays a success; the Runs list and its log say so
-            report_dead_letters(context, mapping, system, result)
-        context.log.info(
-            f"{system}: {result.created} created, {result.updated} updated, "
-            f"{result.deferred} deferred, {result.failed} failed"
-        )
-        return dg.MaterializeResult(metadata=write_metadata(result))
+        if confirm_plan(state, plan, run_id):
+            storage.mark_synced(mapping.name, run_id)
+        release_held(run_id, mapping.name)
+        for side, obj in systems.items():
+            result = results[side]
+            if result.failures:  # the run stays a success; the Runs list and its log say so
+                report_dead_letters(context, mapping, obj.system, result)
+            context.log.info(
+                f"{obj.system}: {result.created} created, {result.updated} updated, "
+                f"{result.deferred} deferred, {result.failed} failed"
+            )
+            yield dg.MaterializeResult(
+                asset_key=writes_key(mapping, side), metadata=write_metadata(result)
+            )
 
     return writes
 
@@ -341,7 +345,7 @@ def report_dead_letters(
         f"{sample}{more}"
     )
     run_id = context.run.run_id
-    run = context.instance.get_run_by_id(run_id)  # as tagged now (the other writes step too)
+    run = context.instance.get_run_by_id(run_id)  # as tagged now (by other flows and sides too)
     earlier = int((run.tags if run else {}).get(DEAD_LETTERS_TAG, "0") or 0)
     context.instance.add_run_tags(run_id, {DEAD_LETTERS_TAG: str(earlier + len(result.failures))})
 

@@ -21,7 +21,7 @@ from crm_assets.sync.planning import (
 )
 from crm_assets.sync.snapshots import SnapshotRun, take_snapshot
 from crm_assets.sync.verification import FlowVerification, verify_flow
-from crm_assets.sync.writing import FlowWriter, WriteResult, new_run_id
+from crm_assets.sync.writing import WriteResult, new_run_id, write_flow
 
 __all__ = [
     "WRITE_ORDER",
@@ -29,7 +29,6 @@ __all__ = [
     "FlowRun",
     "FlowSet",
     "FlowVerification",
-    "FlowWriter",
     "SkippedFlow",
     "SnapshotRun",
     "WriteResult",
@@ -45,4 +44,5 @@ __all__ = [
     "sync_once",
     "take_snapshot",
     "verify_flow",
+    "write_flow",
 ]

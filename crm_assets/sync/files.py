@@ -1,9 +1,8 @@
-"""The files one flow's run passes between its steps: mapped sides, the plan, confirmations.
+"""The files one flow's run passes between its steps: the mapped sides and the plan.
 
 One object owns the layout (``<data folder>/flows/<flow>/runs/<run id>/``), so no
 step builds a path of another's: the mapped step saves both sides, the plan
-step reads them and saves the plan, the first writes step saves what its CRM
-confirmed and the second reads it. Each run has a folder of its own, so a run
+step reads them and saves the plan, the writes step reads the plan. Each run has a folder of its own, so a run
 that only plans never changes the plan another run is writing; folders of runs
 older than a day are removed when a new run starts.
 """
@@ -111,7 +110,6 @@ class FlowFiles:
             pl.DataFrame([{**meta, "columns": plan.columns, "counts": [plan.counts]}]),
             "plan.parquet",
         )
-        folder.delete("confirmed.parquet")
 
     def plan_meta(self) -> dict[str, Any] | None:
         """The plan's flow, counts and verdicts, if a plan was made."""
@@ -145,15 +143,6 @@ class FlowFiles:
             mark=meta["mark"],
             **parts,
         )
-
-    def save_confirmed(self, confirmed: set[str]) -> None:
-        """The pairs (by ``a_id``) the first written side confirmed."""
-        frame = pl.DataFrame({"a_id": sorted(confirmed)}, schema={"a_id": pl.String})
-        self.plan_dir.write_parquet(frame, "confirmed.parquet")
-
-    def load_confirmed(self) -> set[str] | None:
-        frame = self.plan_dir.read_parquet("confirmed.parquet")
-        return None if frame is None else set(frame.get_column("a_id").to_list())
 
     @staticmethod
     def _read(folder: Storage, name: str) -> pl.DataFrame:

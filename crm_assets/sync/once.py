@@ -13,14 +13,13 @@ from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.sync.guard import refresh_if_stale, take_flow
 from crm_assets.sync.planning import (
-    WRITE_ORDER,
     confirm_plan,
     map_flow,
     plan_flow,
     reference_links,
 )
 from crm_assets.sync.snapshots import read_snapshot
-from crm_assets.sync.writing import FlowWriter, WriteResult, new_run_id
+from crm_assets.sync.writing import WriteResult, new_run_id, write_flow
 
 
 @dataclass
@@ -63,12 +62,7 @@ def sync_once(
             refs = reference_links(state, mapping)
             a, b = map_flow(mapping, store, refs)
             plan = plan_flow(mapping, a, b, state, options, full=full_rescan)
-            results: dict[str, WriteResult] = {}
-            confirmed: set[str] | None = None
-            for side in WRITE_ORDER:
-                client = clients[mapping.side(side).system_key]
-                writer = FlowWriter(mapping, plan, state, store, client, side, run_id, refs)
-                results[side], confirmed = writer.run(confirmed)
+            results = write_flow(mapping, plan, state, store, clients, run_id, refs)
             confirm_plan(state, plan, run_id)
         finally:
             release_held(run_id, mapping.name)

@@ -41,8 +41,8 @@ from crm_assets.engine.reconcile import (
 from crm_assets.engine.snapshot import SnapshotStore, schema
 from crm_assets.engine.state import SyncState
 
-#: The order a flow's sides are written in: the document's target first, then its source.
-#: The first settles links, tombstones and the bases that need no write.
+#: A flow's sides, the document's target first: both are written at once, the first
+#: settles links, tombstones and the bases that need no write (and reports conflicts).
 WRITE_ORDER = ("b", "a")
 #: A side's kept mapped frame is written again once this many of its rows were mapped anew.
 KEEP_AFTER_ROWS = 1_000

@@ -6,16 +6,18 @@ behind the connector protocol. Base values and the audit log change only for
 what a CRM confirmed; every per-record failure goes to the dead-letter table
 and is retried by the next plan.
 
-Sides are written in :data:`~crm_assets.sync.planning.WRITE_ORDER`: the first
-settles links, tombstones and bases that need no write; the second settles the
-pairs that needed writes on both sides.
+Both sides are written at the same time (:func:`write_flow`): links,
+tombstones and bases that need no write are settled first; a pair written on
+both sides gets its base once both CRMs confirmed it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,10 @@ class WriteResult:
         }
 
 
+class WriteStopped(Exception):
+    """The run was interrupted while writing: what was confirmed so far is kept."""
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -88,36 +94,34 @@ class FlowWriter:
         self.late_conflicts: list[dict[str, Any]] = []
         #: (record id, modification time) of every write the CRM confirmed
         self.stamped: list[tuple[str, str]] = []
+        #: set when the run is interrupted (terminated from the UI): stop before the next step
+        self.stop = threading.Event()
 
-    # -- entry point --------------------------------------------------------------------------
-    def run(self, confirmed_other: set[str] | None = None) -> tuple[WriteResult, set[str]]:
-        """Apply this side's part of the plan; returns the result and the confirmed pair keys."""
-        plan, flow = self.plan, self.mapping.name
+    # -- steps (driven by :func:`write_flow`) ---------------------------------------------
+    def skip_reason(self) -> str | None:
+        """Why this plan writes nothing to any CRM (None: it writes)."""
+        plan = self.plan
         if plan.rebuild_links:
-            if self.first:
-                new = plan.pairs.filter(pl.col("new_link")).select("a_id", "b_id")
-                self.state.save_links(
-                    flow,
-                    [(a, b, None) for a, b in new.iter_rows()],
-                    self.run_id,
-                    columns=self.mapping.dtypes,
-                )
-                self.result.linked = new.height
-            self.result.skipped = "rebuilding links: nothing written or created"
-            return self.result, set()
+            return "rebuilding links: nothing written or created"
         if plan.read_only:
-            self.result.skipped = "flow is read_only: plan only"
-            return self.result, set()
-        if plan.blocked:
-            self.result.skipped = plan.blocked
-            return self.result, set()
-        if self.first:
-            self._settle_links()
+            return "flow is read_only: plan only"
+        return plan.blocked
+
+    def write(self) -> set[str]:
+        """Apply this side's part of the plan; returns the pair keys (``a_id``) whose write
+        to this side the CRM confirmed (or that needed none)."""
+        plan, flow = self.plan, self.mapping.name
         pairs = plan.pairs.filter(pl.col(f"write_{self.side}"))
         confirmed = self._updates(pairs)
         if self.late_conflicts:
             self.state.record_audit(self.run_id, flow, self.late_conflicts)
-        self._finalize_bases(confirmed, confirmed_other)
+        # pairs written on this side only are settled now; those written on both sides
+        # once both CRMs confirmed them (write_flow)
+        self.finalize_bases(
+            pairs.filter(
+                pl.col("a_id").is_in(list(confirmed)) & ~pl.col(f"write_{other(self.side)}")
+            )
+        )
         self._creates(plan.creates[self.side])
         self._deletes(plan.deletes[self.side])
         self.result.deferred += plan.deferred.filter(pl.col("side") == self.side).height
@@ -140,9 +144,20 @@ class FlowWriter:
         self.result.failed = len(self.result.failures) + unreadable.height
         self.state.settle_intents(flow)
         self.state.record_own_writes(self.obj.system_key, self.obj.obj, self.stamped)
-        return self.result, confirmed
+        return confirmed
 
-    def _settle_links(self) -> None:
+    def save_new_links(self) -> None:
+        """Links rebuilt from the CRMs, with no base: the next plan merges them as new."""
+        new = self.plan.pairs.filter(pl.col("new_link")).select("a_id", "b_id")
+        self.state.save_links(
+            self.mapping.name,
+            [(a, b, None) for a, b in new.iter_rows()],
+            self.run_id,
+            columns=self.mapping.dtypes,
+        )
+        self.result.linked = new.height
+
+    def settle_links(self) -> None:
         """Tombstones, new links and bases that need no write (done once, by the first side)."""
         plan, flow = self.plan, self.mapping.name
         self.result.tombstoned = self.state.tombstone(
@@ -213,15 +228,8 @@ class FlowWriter:
         finals = pairs.select("a_id", "b_id", *[pl.col(f"final.{c}").alias(c) for c in self.cols])
         return [(row.pop("a_id"), row.pop("b_id"), row) for row in finals.iter_rows(named=True)]
 
-    def _finalize_bases(self, confirmed: set[str], confirmed_other: set[str] | None) -> None:
+    def finalize_bases(self, done: pl.DataFrame) -> None:
         """base := final for pairs whose every planned write is confirmed."""
-        side_b = other(self.side)
-        pairs = self.plan.pairs.filter(pl.col("a_id").is_in(list(confirmed)))
-        if self.first:
-            done = pairs.filter(~pl.col(f"write_{side_b}"))
-        else:
-            other_ok = list(confirmed_other or set())
-            done = pairs.filter(~pl.col(f"write_{side_b}") | pl.col("a_id").is_in(other_ok))
         self.state.save_links(
             self.mapping.name, self._with_base(done), self.run_id, columns=self.mapping.dtypes
         )
@@ -306,6 +314,8 @@ class FlowWriter:
         outcomes: list[Outcome] = []
         started = last = time.monotonic()
         for start in range(0, len(items), PROGRESS_STEP):
+            if self.stop.is_set():
+                raise WriteStopped(f"{self.obj.system} {self.obj.obj}: stopped after {start}")
             outcomes += call(self.obj.obj, items[start : start + PROGRESS_STEP])
             now = time.monotonic()
             if self.progress and (len(items) > PROGRESS_STEP or now - last >= 5):
@@ -498,6 +508,73 @@ class FlowWriter:
                 self.mapping.name,
                 [{"kind": "delete", "side": self.side, "note": f"{self.result.deleted} deleted"}],
             )
+
+
+def write_flow(
+    mapping: FlowMapping,
+    plan: Plan,
+    state: SyncState,
+    store: SnapshotStore,
+    clients: Mapping[str, CrmClient],
+    run_id: str,
+    refs: Mapping[str, pl.DataFrame],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, WriteResult]:
+    """Apply one flow's plan to both of its CRMs at the same time.
+
+    ``clients`` by connector key. Each CRM has a rate limit of its own, so one side's
+    writes never wait for the other's (an initial sync written one side after the
+    other spent CRMOffice's whole write time with Custom CRM idle). Links, tombstones
+    and unwritten bases are settled first; a pair written on both sides gets its new
+    base only after both CRMs confirmed it. A side that fails does not stop the other;
+    its exception is raised once both are done.
+    """
+    said = threading.Lock()
+
+    def say(message: str) -> None:
+        with said:  # one line at a time from the two writing threads
+            if progress:
+                progress(message)
+
+    writers = {
+        side: FlowWriter(
+            mapping,
+            plan,
+            state,
+            store,
+            clients[mapping.side(side).system_key],
+            side,
+            run_id,
+            refs,
+            say if progress else None,
+        )
+        for side in WRITE_ORDER
+    }
+    first = writers[WRITE_ORDER[0]]
+    skipped = first.skip_reason()
+    if skipped:
+        if plan.rebuild_links:
+            first.save_new_links()
+        for writer in writers.values():
+            writer.result.skipped = skipped
+        return {side: writer.result for side, writer in writers.items()}
+    first.settle_links()
+    pool = ThreadPoolExecutor(len(writers), thread_name_prefix=f"write-{mapping.name}")
+    try:
+        running = {side: pool.submit(writer.write) for side, writer in writers.items()}
+        wait(running.values())
+    except BaseException:  # the run was interrupted: both sides stop at their next step
+        for writer in writers.values():
+            writer.stop.set()
+        raise
+    finally:
+        pool.shutdown()
+    confirmed = {side: future.result() for side, future in running.items()}
+    both = confirmed["a"] & confirmed["b"]
+    first.finalize_bases(
+        plan.pairs.filter(pl.col("write_a") & pl.col("write_b") & pl.col("a_id").is_in(list(both)))
+    )
+    return {side: writer.result for side, writer in writers.items()}
 
 
 def _audit_text(value: Any) -> str | None:
