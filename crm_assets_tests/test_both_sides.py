@@ -141,6 +141,11 @@ def test_an_interrupted_write_stops_both_crms_and_the_next_sync_finishes_without
         signal.signal(signal.SIGINT, previous)
     stopped_at = len(contacts(crms["crm_office"]))
     assert office_before < stopped_at < office_before + planned  # stopped after a step
+    # each step's creates were linked as soon as CRMOffice answered: only those never
+    # sent are still pending (none waits for the next plan to find it by its values)
+    unsent = office_before + planned - stopped_at
+    assert state.pending_creates(flow.name).filter(side=office_side).height == unsent
+    assert state.live_links(flow.name).height >= plan.pairs.height + stopped_at - office_before
 
     runs = sync_once(mappings, crms, store, state)
     refused = [f for f in runs[flow.name].results[office_side].failures if f[1] == "create"]

@@ -308,15 +308,25 @@ class FlowWriter:
         )
         return confirmed
 
-    def _in_steps(self, verb: str, items: Sequence[Any], call: Callable[..., Any]) -> list[Outcome]:
+    def _in_steps(
+        self,
+        verb: str,
+        items: Sequence[Any],
+        call: Callable[..., Any],
+        after_step: Callable[[int, list[Outcome]], None] | None = None,
+    ) -> list[Outcome]:
         """``call`` over the items in steps of :data:`PROGRESS_STEP`, saying how far it got
-        (count, rate, time left) after each step that took a while."""
+        (count, rate, time left) after each step that took a while; ``after_step(start,
+        outcomes)`` records a step's outcomes before the next step is sent."""
         outcomes: list[Outcome] = []
         started = last = time.monotonic()
         for start in range(0, len(items), PROGRESS_STEP):
             if self.stop.is_set():
                 raise WriteStopped(f"{self.obj.system} {self.obj.obj}: stopped after {start}")
-            outcomes += call(self.obj.obj, items[start : start + PROGRESS_STEP])
+            step = call(self.obj.obj, items[start : start + PROGRESS_STEP])
+            if after_step:
+                after_step(start, step)
+            outcomes += step
             now = time.monotonic()
             if self.progress and (len(items) > PROGRESS_STEP or now - last >= 5):
                 done, last = len(outcomes), now
@@ -470,27 +480,34 @@ class FlowWriter:
             self.mapping.name, self.side, good.get_column("source_id").to_list()
         )
         rows = list(good.iter_rows(named=True))
-        outcomes = self._in_steps(
+
+        def record(start: int, outcomes: list[Outcome]) -> None:
+            """Link a step's creates at once: a run stopped or killed later keeps them."""
+            done: list[tuple[str, str, str, dict[str, Any]]] = []
+            for row, outcome in zip(rows[start : start + len(outcomes)], outcomes, strict=True):
+                sid = row["source_id"]
+                if outcome.ok and outcome.id is not None:
+                    done.append((keys[sid], sid, outcome.id, canonical[sid]))
+                    self._own(outcome)
+                else:
+                    # a lost answer leaves the intent pending: the next plan looks it up
+                    self.result.failures.append(
+                        (f"{source}:{sid}", "create", outcome.message or "")
+                    )
+            self.state.finish_creates(
+                self.mapping.name, self.side, done, self.run_id, columns=self.mapping.dtypes
+            )
+            self.state.resolve_dead_letters(
+                self.mapping.name, self.side, [f"{source}:{sid}" for _k, sid, _n, _v in done]
+            )
+            self.result.created += len(done)
+
+        self._in_steps(
             "created",
             [Create(keys[r["source_id"]], {f: r[f] for f in self.fields}) for r in rows],
             self.client.create_records,
+            record,
         )
-        done: list[tuple[str, str, str, dict[str, Any]]] = []
-        for row, outcome in zip(rows, outcomes, strict=True):
-            sid = row["source_id"]
-            if outcome.ok and outcome.id is not None:
-                done.append((keys[sid], sid, outcome.id, canonical[sid]))
-                self._own(outcome)
-            else:
-                # a lost answer leaves the intent pending: the next plan looks the record up
-                self.result.failures.append((f"{source}:{sid}", "create", outcome.message or ""))
-        self.state.finish_creates(
-            self.mapping.name, self.side, done, self.run_id, columns=self.mapping.dtypes
-        )
-        self.state.resolve_dead_letters(
-            self.mapping.name, self.side, [f"{source}:{sid}" for _k, sid, _n, _v in done]
-        )
-        self.result.created += len(done)
 
     # -- deletes (only when the flow propagates them) -------------------------------------------
     def _deletes(self, ids: pl.DataFrame) -> None:
