@@ -14,7 +14,8 @@ the app as ``app.state.clock``):
   at once), and expiries are persisted while the offset is not (a restart sets it to 0).
 
 ``POST /_admin/clock {"offset_seconds": N}`` (a service started with faults) sets the
-offset; ``POST /_admin/reset`` sets it back to 0.
+offset, and ``{"offset_seconds": 0}`` sets it back. ``POST /_admin/reset`` also sets it
+to 0, but it wipes the CRM's data and faults too (a fresh service, reseeded if asked).
 """
 
 from __future__ import annotations
