@@ -18,6 +18,7 @@ from crm_assets.definitions import build_definitions
 from crm_assets.defs.sync_assets import VIA_TAG
 from crm_assets.engine.checks import NO_PROPERTIES
 from crm_assets.engine.document import DocumentError, SelectionError
+from crm_assets.engine.lease import release_held
 from crm_assets.engine.mapping import MappingError
 from crm_assets.engine.storage import StorageError
 from crm_assets.settings import Settings
@@ -120,6 +121,7 @@ def execute_sync(
         tags={VIA_TAG: "crm-assets sync"},
         asset_selection=selection if dry_run else None,
     )
+    release_held(result.run_id)  # a step stopped by Ctrl-C ran no failure hook
     outcome = SyncOutcome(success=result.success, run_id=result.run_id)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization  # type: ignore[union-attr]
@@ -145,6 +147,8 @@ def root_cause(error: Any) -> str:
     prefixed by its kind in brackets when it is one the CLI knows (``[CrmAuthError] ...``)."""
     while getattr(error, "cause", None) is not None:
         error = error.cause
+    if getattr(error, "cls_name", "") == "DagsterExecutionInterruptedError":
+        return INTERRUPTED
     lines = (getattr(error, "message", "") or "").strip().splitlines()
     if not lines:
         return "see the run log"
@@ -153,6 +157,12 @@ def root_cause(error: Any) -> str:
     kind = getattr(error, "cls_name", "") or ""
     return f"[{kind}] {text}" if kind in KNOWN_ERRORS else text
 
+
+#: How a step stopped by Ctrl-C (or a terminate request) reads.
+INTERRUPTED = (
+    "interrupted: the writes the CRMs confirmed are kept and linked; "
+    "run `crm-assets sync` again to finish"
+)
 
 #: Exception classes whose failures the CLI reports as one line with an exit code of its own.
 KNOWN_ERRORS = {

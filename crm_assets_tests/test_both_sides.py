@@ -6,8 +6,13 @@ the other side; over both document directions.
 
 from __future__ import annotations
 
+import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +47,7 @@ CUSTOM_RATE, OFFICE_RATE = 40.0, 4.0
 #: which field each CRM stamps a record's last change in
 MODIFIED = {"custom_crm": "Modified", "crm_office": "updatedAt"}
 EMAIL = {"custom_crm": "Email", "crm_office": "email"}
+CRM_ASSETS = str(Path(sys.executable).parent / "crm-assets")
 
 
 class Interrupted(Exception):
@@ -49,12 +55,20 @@ class Interrupted(Exception):
 
 
 @pytest.fixture
-def crms(
+def services(
     embedded_service_factory: Callable[..., EmbeddedService],
-) -> Iterator[dict[str, Any]]:
-    """Clients (by connector key) to both CRMs, seeded and rate limited."""
-    custom = embedded_service_factory("custom-crm", seed=CUSTOM_SEED, rate_limit=CUSTOM_RATE)
-    office = embedded_service_factory("crm-office", seed=OFFICE_SEED, rate_limit=OFFICE_RATE)
+) -> tuple[EmbeddedService, EmbeddedService]:
+    """Custom CRM and CRMOffice, seeded and rate limited."""
+    return (
+        embedded_service_factory("custom-crm", seed=CUSTOM_SEED, rate_limit=CUSTOM_RATE),
+        embedded_service_factory("crm-office", seed=OFFICE_SEED, rate_limit=OFFICE_RATE),
+    )
+
+
+@pytest.fixture
+def crms(services: tuple[EmbeddedService, EmbeddedService]) -> Iterator[dict[str, Any]]:
+    """Clients (by connector key) to both CRMs."""
+    custom, office = services
     with (
         CustomCrmClient(
             custom.base_url, custom.credentials["api_key"], rate_limit=CUSTOM_RATE
@@ -151,3 +165,68 @@ def test_an_interrupted_write_stops_both_crms_and_the_next_sync_finishes_without
     refused = [f for f in runs[flow.name].results[office_side].failures if f[1] == "create"]
     # every planned contact is in CRMOffice once: none lost, none created twice
     assert len(contacts(crms["crm_office"])) == office_before + planned - len(refused)
+
+
+@pytest.mark.parametrize("document", sorted(DOCUMENTS))
+def test_ctrl_c_during_crm_assets_sync_then_sync_again_finishes_at_once(
+    services: tuple[EmbeddedService, EmbeddedService],
+    crms: dict[str, Any],
+    tmp_path: Path,
+    document: str,
+) -> None:
+    """An operator stops `crm-assets sync` mid-write with Ctrl-C and runs it again: the
+    first says in one line that it was interrupted, the second does not wait for the
+    dead run's lease, and no contact is in CRMOffice twice."""
+    custom, office = services
+    _mappings, flow = contacts_flow(document)
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"} | {
+        "CUSTOM_CRM_BASE_URL": custom.base_url,
+        "CUSTOM_CRM_API_KEY": custom.credentials["api_key"],
+        "CUSTOM_CRM_RATE_LIMIT": str(CUSTOM_RATE),
+        "CRM_OFFICE_BASE_URL": office.base_url,
+        "CRM_OFFICE_CLIENT_ID": office.credentials["client_id"],
+        "CRM_OFFICE_CLIENT_SECRET": office.credentials["client_secret"],
+        "CRM_OFFICE_RATE_LIMIT": str(OFFICE_RATE),
+        "CRM_SYNC_DATA_DIR": str(data),
+        "CRM_SYNC_SPEC": str(DOCUMENTS[document]),
+        "CRM_SYNC_LEASE_WAIT": "5",
+    }
+    emails = [str(r[EMAIL["crm_office"]]).strip().lower() for r in contacts(crms["crm_office"])]
+    seeded_twice = len(emails) - len(set(emails))
+    first = subprocess.Popen(
+        [CRM_ASSETS, "sync"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _intents(data / "state.db", flow.name) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the contacts' creates are about to be sent
+        assert first.poll() is None, "the sync finished before its writes could be stopped"
+        first.send_signal(signal.SIGINT)
+        said, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode != 0
+    assert "interrupted: the writes the CRMs confirmed are kept" in said, said[-2000:]
+    assert "Traceback" not in said
+
+    begun = time.monotonic()
+    second = subprocess.run(
+        [CRM_ASSETS, "sync"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "is being synced by" not in second.stdout + second.stderr
+    emails = [str(r[EMAIL["crm_office"]]).strip().lower() for r in contacts(crms["crm_office"])]
+    assert len(emails) > OFFICE_SEED + CUSTOM_SEED * 0.9, time.monotonic() - begun
+    assert len(emails) - len(set(emails)) == seeded_twice  # nothing created twice
+
+
+def _intents(db: Path, flow: str) -> int:
+    """Create intents of a flow stored so far (0 while the state is not there)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            row = conn.execute("select count(*) from intents where flow = ?", (flow,)).fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(row[0])
