@@ -2,9 +2,10 @@
 
 One object owns the layout (``<data folder>/flows/<flow>/runs/<run id>/``), so no
 step builds a path of another's: the mapped step saves both sides, the plan
-step reads them and saves the plan, the writes step reads the plan. Each run has a folder of its own, so a run
-that only plans never changes the plan another run is writing; folders of runs
-older than a day are removed when a new run starts.
+step reads them and saves the plan, the writes step reads the plan. Each run
+has a folder of its own, so a run that only plans never changes the plan
+another run is writing; folders of runs older than a day are removed when a
+new run starts.
 """
 
 from __future__ import annotations
