@@ -18,6 +18,8 @@ from typing import Any
 import polars as pl
 import pytest
 from conftest import SyncWorld
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crm_assets.engine.mapping import canonical_key, canonical_text
 from crm_assets.headless import execute_sync
@@ -46,6 +48,20 @@ def test_every_spelling_of_a_key_has_one_canonical_form():
     # the writer's per-record form agrees with the frames' form
     assert {canonical_text(s) for s in spellings} == {"åse.øyen@example.no"}
     assert pl.select(canonical_key(pl.lit(" \u00a0\u200b "))).item() is None  # blank: no key
+
+
+#: Any text Python's Unicode tables know (polars may know newer characters' cases).
+KNOWN_TEXT = st.text(st.characters(exclude_categories=["Cs", "Cn"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(KNOWN_TEXT, min_size=1, max_size=20))
+def test_frames_and_the_writer_read_any_key_alike(values: list[str]):
+    """A column mixes pure-ASCII keys (the fast path) with others (the Unicode one): each
+    gets the writer's canonical form, so a record the plan links is the one it writes."""
+    frame = pl.DataFrame({"key": values}, schema={"key": pl.String})
+    keys = frame.select(canonical_key(pl.col("key")).alias("key")).get_column("key").to_list()
+    assert keys == [canonical_text(v) for v in values]
 
 
 def all_records(client: Any, obj: str) -> list[dict[str, Any]]:
