@@ -40,7 +40,10 @@ from crm_assets.engine.reconcile import _breaker as circuit_breaker  # the engin
 
 #: Every Unicode space and invisible formatting character, as the engine's ``[\s\p{Cf}]``
 #: (Rust's ``\s`` is Unicode White_Space; RE2's is ASCII only, hence the longer class)
-INVISIBLE = r"[\t\n\x0B\f\r\x{85}\p{Z}\p{Cf}]"
+INVISIBLE = r"[\t\n\x0B\f\r\x1C-\x1F\x{85}\p{Z}\p{Cf}]"
+#: The ASCII characters of ``INVISIBLE``: pure-ASCII keys take this cheaper path, as the
+#: engine's do.
+ASCII_SPACE = r"[\t-\r\x1C-\x1F ]"
 
 #: How polars writes a UTC time as text (the conflicts' a_modified and b_modified)
 POLARS_UTC_TEXT = "%Y-%m-%d %H:%M:%S.%f+00:00"
@@ -178,9 +181,12 @@ class Sql:
             # a merge key as keys compare (crm_assets.engine.mapping.canonical_key)
             f"""
             CREATE TEMP MACRO canon(x) AS nullif(
-                regexp_replace(
+                CASE WHEN strlen(CAST(x AS VARCHAR)) = length(CAST(x AS VARCHAR))
+                THEN regexp_replace(lower(CAST(x AS VARCHAR)), '{ASCII_SPACE}', '', 'g')
+                ELSE regexp_replace(
                     replace(lower(nfc_normalize(CAST(x AS VARCHAR))), 'ß', 'ss'),
-                    '{INVISIBLE}', '', 'g'),
+                    '{INVISIBLE}', '', 'g')
+                END,
                 '')
             """,
             self._known(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 
 import polars as pl
@@ -93,7 +93,8 @@ class Mark:
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        # its fields as they are: ``asdict`` deep-copies thousands of ambiguous ids per run
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def last_read(frame: pl.DataFrame) -> int:
