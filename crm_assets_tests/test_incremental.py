@@ -148,6 +148,18 @@ def test_an_edited_document_plans_everything_again(
     assert names[copies[0]["email"]] == "Renamed"
 
 
+def test_a_release_that_maps_differently_plans_everything_again(
+    either_world: SyncWorld, monkeypatch: pytest.MonkeyPatch
+):
+    """Frames mapped and plans made by an earlier release are not built on once values map
+    differently (here: merge keys that now strip the ASCII information separators)."""
+    seeded(either_world)
+    assert plan_of(sync(), either_world.contacts)[0] == "incremental"
+    monkeypatch.setattr(incremental, "MAPPED_FORMAT", incremental.MAPPED_FORMAT + 1)
+    assert plan_of(sync(), either_world.contacts) == ("full", 2 * CONTACTS)
+    assert plan_of(sync(), either_world.contacts)[0] == "incremental"
+
+
 def test_lost_snapshots_are_read_anew_and_nothing_is_made_twice(either_world: SyncWorld):
     copies = seeded(either_world)
     shutil.rmtree(either_world.data_dir / "snapshots")

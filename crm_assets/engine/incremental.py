@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from crm_assets.engine.mapping import FlowMapping, map_side
+from crm_assets.engine.mapping import MAPPED_FORMAT, FlowMapping, map_side
 from crm_assets.engine.reconcile import other
 from crm_assets.engine.snapshot import KeptFrame
 from crm_assets.engine.state import SyncState, dead_letter_record
@@ -103,8 +103,10 @@ def last_read(frame: pl.DataFrame) -> int:
 
 
 def mapping_digest(mapping: FlowMapping) -> str:
-    """A digest of what the flow maps: a document edit to its rows makes the next plan full."""
-    text = repr((mapping.name, mapping.a, mapping.b, mapping.columns, mapping.merge))
+    """A digest of what the flow maps and how: a document edit to its rows, or a release
+    that maps values differently (:data:`MAPPED_FORMAT`), makes the next plan full and
+    maps every record anew."""
+    text = repr((MAPPED_FORMAT, mapping.name, mapping.a, mapping.b, mapping.columns, mapping.merge))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

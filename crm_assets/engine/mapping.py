@@ -30,6 +30,11 @@ CANONICAL: dict[str | None, pl.DataType] = {
 }
 
 
+#: How :func:`map_side` maps values: raised whenever the same record maps differently (2:
+#: merge keys strip the ASCII information separators), so frames mapped before are not
+#: reused and plans made before are not built on.
+MAPPED_FORMAT = 2
+
 #: The columns every mapped frame has besides the canonical ones.
 META = ("id", "modified", "created", "version", "deleted", "error", "unresolved")
 
