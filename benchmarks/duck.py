@@ -38,8 +38,9 @@ from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.reconcile import SIDES, Plan, ReconcileOptions, live_count, plan_counts
 from crm_assets.engine.reconcile import _breaker as circuit_breaker  # the engine's own rule 6
 
-#: Every Unicode space and invisible formatting character, as the engine's ``[\s\p{Cf}]``
-#: (Rust's ``\s`` is Unicode White_Space; RE2's is ASCII only, hence the longer class)
+#: Every Unicode space and invisible formatting character, as the engine's
+#: ``[\s\x1c-\x1f\p{Cf}]`` (Rust's ``\s`` is Unicode White_Space; RE2's is ASCII only,
+#: hence the longer class)
 INVISIBLE = r"[\t\n\x0B\f\r\x1C-\x1F\x{85}\p{Z}\p{Cf}]"
 #: The ASCII characters of ``INVISIBLE``: pure-ASCII keys take this cheaper path, as the
 #: engine's do.
