@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: install
 	$(BIN)/crm-assets demo
 
+# two workers, each taking whole test files (a file's servers and fixtures stay in one process)
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the one-host deployment (docs/deploy.md) on this machine: DAGSTER_PG_URL names its database
 .PHONY: deploy-local
