@@ -65,6 +65,7 @@ def new_contacts(world: SyncWorld, round_no: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 30 CLI syncs, each ~6 s of imports: 270 s alone on a 2-core machine
 def test_two_concurrent_cli_syncs_never_duplicate(sync_world: SyncWorld):
     figures = []
     for round_no in range(REPETITIONS):
