@@ -12,6 +12,10 @@ from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.launcher import LaunchRunContext
 
 from crm_assets.defs.launcher import PID_TAG, WarmRunLauncher
+from crm_assets.engine.lease import FlowLease, LeaseHeld, hold, lease_info
+from crm_assets.engine.state import SyncState
+
+FLOW = "contact_to_contacts"
 
 
 @dg.op
@@ -23,6 +27,20 @@ def touch(context: dg.OpExecutionContext) -> None:
 @dg.op
 def wait_long() -> None:
     time.sleep(120)
+
+
+@dg.op
+def hold_flow_then_wait(context: dg.OpExecutionContext) -> None:
+    """Hold a flow's lease as a run's mapped step does, then work long (no step of its
+    own catches the interrupt, as a run stopped between steps)."""
+    state = SyncState(context.run.tags["state"])
+    hold(FlowLease(state, FLOW, context.run.run_id, f"run {context.run.run_id[:12]} (test)"))
+    time.sleep(120)
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def holding_job() -> None:
+    hold_flow_then_wait()
 
 
 @dg.job(executor_def=dg.in_process_executor)
@@ -100,3 +118,24 @@ def test_terminate_stops_a_warm_run(instance: dg.DagsterInstance) -> None:
     assert instance.run_launcher.terminate(run_id)
     run = finished(instance, run_id, timeout=30)
     assert run.status in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
+
+
+def test_a_terminated_run_gives_its_flow_back_at_once(
+    instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """Terminated from the UI while it holds a flow, a run gives the flow back as it ends:
+    the next sync starts at once instead of being refused until the lease expires."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    run_id = launch(instance, holding_job, state=url)
+    deadline = time.monotonic() + 60
+    while (info := lease_info(SyncState(url), FLOW)) is None or info.run_id != run_id:
+        assert time.monotonic() < deadline, "the run never took the flow's lease"
+        time.sleep(0.1)
+    with pytest.raises(LeaseHeld):  # held while the run works
+        FlowLease(SyncState(url), FLOW, "probe", "probe").acquire(wait=0)
+    assert instance.run_launcher.terminate(run_id)
+    run = finished(instance, run_id, timeout=30)
+    assert run.status in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
+    info = lease_info(SyncState(url), FLOW)
+    assert info is not None and info.released_at is not None, info
+    FlowLease(SyncState(url), FLOW, "next", "next run").acquire(wait=0)

@@ -182,3 +182,30 @@ def test_a_killed_holder_is_taken_over_when_its_lease_expires(sync_world: SyncWo
     assert duplicates(sync_world) == {"custom_crm": 0, "crm_office": 0}
     with sync_world.office_client() as b:
         assert len(all_records(b, "contacts")) == NEW_CONTACTS
+
+
+def test_a_writer_stopped_with_ctrl_c_gives_its_flow_back_as_it_exits(tmp_path: Path):
+    """A process holding a flow (a run worker started by ``dagster api execute_run``, a
+    script calling the engine) and stopped with Ctrl-C releases the lease on its way out:
+    the next writer does not wait for the expiry."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    script = (
+        "import sys, time\n"
+        "from crm_assets.engine.lease import FlowLease, hold\n"
+        "from crm_assets.engine.state import SyncState\n"
+        "hold(FlowLease(SyncState(sys.argv[1]), 'contact_to_contacts', 'stopped', 'stopped'))\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGINT)
+    assert holder.wait(timeout=30) != 0
+    info = lease_info(SyncState(url), "contact_to_contacts")
+    assert info is not None and info.run_id == "stopped" and info.released_at is not None
+    FlowLease(SyncState(url), "contact_to_contacts", "next", "next").acquire(wait=0)

@@ -36,9 +36,16 @@ def _execute_run(run_id: str, instance_ref: Any) -> None:
     from dagster._cli.api import _execute_run_command_body
     from dagster._utils.interrupts import capture_interrupts, setup_interrupt_handlers
 
+    from crm_assets.engine.lease import release_held
+
     setup_interrupt_handlers()  # SIGTERM (terminate) stops the run as SIGINT would
-    with capture_interrupts(), dg.DagsterInstance.from_ref(instance_ref) as instance:
-        _execute_run_command_body(run_id, instance, lambda _event: None, False)
+    try:
+        with capture_interrupts(), dg.DagsterInstance.from_ref(instance_ref) as instance:
+            _execute_run_command_body(run_id, instance, lambda _event: None, False)
+    finally:
+        # a forked process ends without running atexit: a run terminated between steps,
+        # or in a step that does not catch the interrupt, gives its flows back here
+        release_held(run_id)
 
 
 class WarmRunLauncher(RunLauncher, ConfigurableClass):

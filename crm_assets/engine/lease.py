@@ -14,6 +14,8 @@ sync hosts' clocks matter here, never a CRM's.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import socket
 import threading
@@ -184,11 +186,21 @@ def is_held(flow: str, run_id: str) -> bool:
         return (flow, run_id) in _HELD
 
 
-def release_held(run_id: str, flow: str | None = None) -> int:
-    """Release what this process holds for a run (one flow, or all of them)."""
+def release_held(run_id: str | None, flow: str | None = None) -> int:
+    """Release what this process holds for a run (``None``: every run), one flow or all."""
     with _HELD_LOCK:
-        keys = [k for k in _HELD if k[1] == run_id and (flow is None or k[0] == flow)]
+        keys = [k for k in _HELD if run_id in (None, k[1]) and (flow is None or k[0] == flow)]
         held = [_HELD.pop(k) for k in keys]
     for lease in held:
         lease.release()
     return len(held)
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    """A run worker that ends however it ends (terminated between steps, its pod stopped)
+    runs no failure hook: it gives its flows back as it exits, not when the leases expire
+    under the next run's feet. Best effort: an unreachable state database leaves that to
+    the expiry."""
+    with contextlib.suppress(sa.exc.SQLAlchemyError):
+        release_held(None)
