@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from conftest import SyncWorld
 
 from crm_assets.engine import incremental
+from crm_assets.engine.state import SCHEMA_VERSION
 from crm_assets.headless import SyncOutcome, execute_sync
 
 CONTACTS = 12
@@ -105,6 +106,7 @@ def test_a_state_database_from_before_base_digests_syncs_on(either_world: SyncWo
     engine = sa.create_engine(either_world.state_url)
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE links DROP COLUMN base_hash"))
+        conn.execute(sa.text("ALTER TABLE links DROP COLUMN deleted_side"))  # schema 3's
         conn.execute(sa.text("UPDATE schema_version SET version = 1"))
     outcome = sync(full_rescan=True)
     assert bases_read(outcome, either_world.contacts) == CONTACTS
@@ -112,7 +114,9 @@ def test_a_state_database_from_before_base_digests_syncs_on(either_world: SyncWo
     outcome = sync(full_rescan=True)
     assert bases_read(outcome, either_world.contacts) == 0
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar() == 2
+        assert (
+            conn.execute(sa.text("SELECT version FROM schema_version")).scalar() == SCHEMA_VERSION
+        )
     engine.dispose()
 
 

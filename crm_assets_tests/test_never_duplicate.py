@@ -131,6 +131,49 @@ def test_a_company_deleted_in_crm_office_leaves_custom_crm_contacts_their_produc
             assert meta["updated"] == meta["created"] == 0, (asset, meta)
 
 
+@pytest.mark.parametrize("deleted_in", ["crm_office", "custom_crm"])
+def test_a_new_contact_of_a_deleted_company_is_created_without_it_and_flagged(
+    either_world: SyncWorld, deleted_in: str
+):
+    """A contact added in one CRM, pointing at a product/company whose counterpart was
+    deleted in the other, is created there without that reference (it has nothing to
+    point to), flagged, and not left as a refusal retried on every run."""
+    world = either_world
+    with world.custom_client() as a:
+        product = a.create("products", {"Name": "Doomed AS"})
+    sync()
+    with world.custom_client() as a, world.office_client() as b:
+        (company,) = all_records(b, "companies")
+        if deleted_in == "crm_office":
+            b.delete("companies", company["id"])
+        else:
+            a.delete("products", product["Id"])
+    sync()
+    with world.custom_client() as a, world.office_client() as b:
+        if deleted_in == "crm_office":
+            a.create("contacts", {"Email": "late@example.com", "ProductId": product["Id"]})
+        else:
+            b.create("contacts", {"email": "late@example.com", "company": {"id": company["id"]}})
+    outcome = execute_sync()
+    assert outcome.success, outcome.failures
+    again = execute_sync()
+    with world.custom_client() as a, world.office_client() as b:
+        custom = [c for c in all_records(a, "contacts") if c["Email"] == "late@example.com"]
+        office = [c for c in all_records(b, "contacts") if c["email"] == "late@example.com"]
+    print(f"\ndeleted in {deleted_in}: Custom CRM {custom}, CRMOffice {office}")
+    assert len(custom) == 1 and len(office) == 1  # created once, not refused run after run
+    if deleted_in == "crm_office":
+        assert office[0]["company"] is None and custom[0]["ProductId"] == product["Id"]
+    else:
+        assert custom[0]["ProductId"] is None and office[0]["company"] == {"id": company["id"]}
+    assert world.state().dead_letters(world.contacts).height == 0
+    check = again.checks[f"{world.contacts}/verified:no_delete_side_effects"]
+    assert check[0] is False and check[2]["references_kept"] == 1
+    for asset, meta in again.metadata.items():
+        if "/writes_to_" in asset:  # the kept reference is not written again
+            assert meta["updated"] == meta["created"] == 0, (asset, meta)
+
+
 def cli_sync(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "crm_assets.cli", "sync", *args],

@@ -108,7 +108,7 @@ def test_links_load_exactly_as_saved(
         for name, rows in ((flow, saved), (neighbour, other)):  # interleaved in the table
             links = [(a, b, base) for a, b, base, _dead in rows]
             state.save_links(name, links, "test", columns=COLUMNS)
-            state.tombstone(name, [(a, b) for a, b, _base, dead in rows if dead], "test")
+            state.tombstone(name, [(a, b, "b") for a, b, _base, dead in rows if dead], "test")
         want = expected(saved)
         got = state.links(flow, COLUMNS).sort("a_id")
         assert got.drop("base_hash").equals(want), (state.engine.dialect.name, got, want)

@@ -30,7 +30,7 @@ def disagreements(
     b: pl.DataFrame,
     links: pl.DataFrame,
     reference_links: Mapping[str, pl.DataFrame] | None = None,
-    gone_references: Mapping[str, pl.Series] | None = None,
+    gone_references: Mapping[str, pl.DataFrame] | None = None,
 ) -> pl.DataFrame:
     """``a_id, b_id, field, a_value, b_value, waiting`` for every linked pair and field that differ.
 
@@ -46,8 +46,8 @@ def disagreements(
         c = column.name
         differ = ~same_value(c, keys)(pl.col(f"a.{c}"), pl.col(f"b.{c}"))
         gone = (gone_references or {}).get(c)
-        if gone is not None and len(gone):
-            ids = gone.implode()
+        if gone is not None and gone.height:
+            ids = gone.get_column("a_id").implode()
             kept = (pl.col(f"a.{c}").is_null() & pl.col(f"b.{c}").is_in(ids)) | (
                 pl.col(f"b.{c}").is_null() & pl.col(f"a.{c}").is_in(ids)
             )
@@ -134,8 +134,9 @@ def check_catalog(mapping: FlowMapping) -> dict[str, str]:
     out["no_ambiguous_matches"] = "no record matches two or more records on the other side"
     if any(c.reference for c in mapping.columns):
         out[SIDE_EFFECTS] = (
-            "no reference was cleared on one side only because its record was deleted there "
-            "(such clears are not propagated: the other side keeps its reference)"
+            "no reference was cleared on one side only because its record was deleted there, "
+            "or left out of a record created there (neither is propagated: the other side "
+            "keeps its reference)"
         )
     return out
 
@@ -172,7 +173,7 @@ def flow_checks(
     reference_links: Mapping[str, pl.DataFrame] | None = None,
     sample_size: int = 5,
     side_effects: pl.DataFrame | None = None,
-    gone_references: Mapping[str, pl.Series] | None = None,
+    gone_references: Mapping[str, pl.DataFrame] | None = None,
 ) -> list[CheckOutcome]:
     """The QA checklist of one flow, from what both systems hold after the writes."""
     a, b = mapped["a"], mapped["b"]

@@ -128,7 +128,7 @@ def reconcile_flow(
     links: pl.DataFrame,
     options: ReconcileOptions | None = None,
     pending_creates: pl.DataFrame | None = None,
-    gone_references: Mapping[str, pl.Series] | None = None,
+    gone_references: Mapping[str, pl.DataFrame] | None = None,
     whole: Whole | None = None,
     bases: Callable[[pl.Series], pl.DataFrame] | None = None,
 ) -> Plan:
@@ -143,8 +143,8 @@ def reconcile_flow(
     call and the state commit): their records are matched on all mapped values
     too, so a create that landed is linked instead of made twice. ``gone_references``:
     per reference column, the canonical values whose referenced record was deleted (its
-    link in the referenced flow is tombstoned). ``whole``: the flow's counts when ``a``,
-    ``b`` and ``links`` are an incremental scope of it.
+    link in the referenced flow is tombstoned): ``a_id, deleted_side``. ``whole``: the
+    flow's counts when ``a``, ``b`` and ``links`` are an incremental scope of it.
     """
     options = options or ReconcileOptions()
     cols = mapping.names
@@ -353,9 +353,10 @@ def reconcile_flow(
     # link is tombstoned) is not a user's edit: it is read as unchanged, so the other side
     # keeps its reference, and it is reported
     effects = []
-    for c, ids in (gone_references or {}).items():
-        if c not in cols or not len(ids):
+    for c, gone in (gone_references or {}).items():
+        if c not in cols or not gone.height:
             continue
+        ids = gone.get_column("a_id")
         for side in SIDES:
             cleared = (
                 pl.col("has_base")
@@ -376,6 +377,30 @@ def reconcile_flow(
                 .then(pl.col(f"base.{c}"))
                 .otherwise(pl.col(f"{side}.{c}"))
                 .alias(f"{side}.{c}")
+            )
+    # a record created where the record its reference points to was deleted goes without
+    # that reference (the CRM would refuse the create on every run) and is reported like the
+    # clears above; its base keeps the value, so the pair stays quiet after
+    for c, gone in (gone_references or {}).items():
+        if c not in cols or not gone.height:
+            continue
+        for side, creates in (("b", create_b), ("a", create_a)):
+            source = other(side)
+            there = gone.filter(
+                pl.col("deleted_side").is_null() | pl.col("deleted_side").is_in([side, "both"])
+            ).get_column("a_id")
+            effects.append(
+                creates.filter(pl.col(f"{source}.{c}").is_in(there.implode())).select(
+                    *[
+                        (pl.col(f"{s}_id") if s == source else pl.lit(None, pl.String)).alias(
+                            f"{s}_id"
+                        )
+                        for s in SIDES
+                    ],
+                    pl.lit(c).alias("field"),
+                    pl.lit(side).alias("side"),
+                    pl.col(f"{source}.{c}").cast(pl.String).alias("kept_value"),
+                )
             )
     side_effects = (
         pl.concat(effects)

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 #: 2: links keep their base's digest (``base_hash``)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Tries at creating the schema (a concurrent creator makes the first fail).
 MIGRATE_ATTEMPTS = 5
@@ -57,6 +57,9 @@ links = sa.Table(
     # values_digest of the base as a signed 64-bit integer; null: not known (written before
     # schema 2), so the plan reads the base itself
     sa.Column("base_hash", sa.BigInteger, nullable=True),
+    # where the record of a tombstoned link was deleted: a, b or both; null: not known
+    # (tombstoned before schema 3), read as deleted on both sides
+    sa.Column("deleted_side", sa.String(4), nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("flow", "b_id", name="uq_links_flow_b"),
     # an incremental plan reads the links changed since the last one (links_changed_since)
@@ -402,9 +405,12 @@ class SyncState:
             metadata.create_all(conn)
             for index in links.indexes:  # added since: create_all passes over existing tables
                 index.create(conn, checkfirst=True)
-            if "base_hash" not in {c["name"] for c in sa.inspect(conn).get_columns("links")}:
-                # schema 1: its links' digests stay unknown (null) until they are saved again
-                conn.execute(sa.text("ALTER TABLE links ADD COLUMN base_hash BIGINT"))
+            found_columns = {c["name"] for c in sa.inspect(conn).get_columns("links")}
+            # schema 1: its links' digests stay unknown (null) until they are saved again;
+            # schema 2: its tombstones' deleted sides stay unknown
+            for name, ddl in (("base_hash", "BIGINT"), ("deleted_side", "VARCHAR(4)")):
+                if name not in found_columns:
+                    conn.execute(sa.text(f"ALTER TABLE links ADD COLUMN {name} {ddl}"))
             found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
             if found is None:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
@@ -589,6 +595,7 @@ class SyncState:
                 "a_id": a_id,
                 "b_id": b_id,
                 "tombstoned": False,
+                "deleted_side": None,
                 "base": text,
                 "base_hash": digest,
                 "updated_at": at,
@@ -598,20 +605,25 @@ class SyncState:
         with self.engine.begin() as conn:
             self._upsert(conn, links, payload, ("flow", "a_id"))
 
-    def tombstone(self, flow: str, pairs: Iterable[tuple[str, str]], run_id: str) -> int:
-        pairs = list(pairs)
-        a_ids = [a for a, _b in pairs]
+    def tombstone(self, flow: str, rows: Iterable[tuple[str, str, str]], run_id: str) -> int:
+        """Tombstone links given as ``(a_id, b_id, deleted_side)``: ``a``, ``b`` or ``both``."""
+        rows = list(rows)
         with self.engine.begin() as conn:
-            for start in range(0, len(a_ids), 5000):  # one statement per chunk, not per link
-                conn.execute(
-                    links.update()
-                    .where(links.c.flow == flow, links.c.a_id.in_(a_ids[start : start + 5000]))
-                    .values(tombstoned=True, updated_at=now())
-                )
+            for side in sorted({side for _a, _b, side in rows}):
+                a_ids = [a for a, _b, s in rows if s == side]
+                for start in range(0, len(a_ids), 5000):  # one statement per chunk, not per link
+                    conn.execute(
+                        links.update()
+                        .where(links.c.flow == flow, links.c.a_id.in_(a_ids[start : start + 5000]))
+                        .values(tombstoned=True, deleted_side=side, updated_at=now())
+                    )
             self._audit(
-                conn, run_id, flow, [{"kind": "tombstone", "a_id": a, "b_id": b} for a, b in pairs]
+                conn,
+                run_id,
+                flow,
+                [{"kind": "tombstone", "a_id": a, "b_id": b} for a, b, _side in rows],
             )
-        return len(pairs)
+        return len(rows)
 
     # -- create intents ------------------------------------------------------------------
     def begin_creates(self, flow: str, side: str, source_ids: Sequence[str]) -> dict[str, str]:
@@ -986,10 +998,13 @@ class SyncState:
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
 
-    def tombstoned(self, flow: str) -> pl.Series:
-        """``a_id`` of the flow's tombstoned links (records deleted on one side)."""
-        query = sa.select(links.c.a_id).where(links.c.flow == flow, links.c.tombstoned)
-        return self.frame(query, {"a_id": pl.String}).get_column("a_id")
+    def tombstoned(self, flow: str) -> pl.DataFrame:
+        """``a_id, deleted_side`` of the flow's tombstoned links (records deleted on a side;
+        ``deleted_side`` null where it is not known)."""
+        query = sa.select(links.c.a_id, links.c.deleted_side).where(
+            links.c.flow == flow, links.c.tombstoned
+        )
+        return self.frame(query, {"a_id": pl.String, "deleted_side": pl.String})
 
     def links_changed_since(self, flow: str, at: datetime) -> pl.Series:
         """``a_id`` of the flow's links made, rebased or tombstoned since ``at``."""

@@ -162,8 +162,9 @@ def map_flow(
     return a.frame(), b.frame()
 
 
-def gone_references(state: SyncState, mapping: FlowMapping) -> dict[str, pl.Series]:
-    """Per reference column, the canonical values whose record was deleted (tombstoned)."""
+def gone_references(state: SyncState, mapping: FlowMapping) -> dict[str, pl.DataFrame]:
+    """Per reference column, the canonical values whose record was deleted (tombstoned):
+    ``a_id, deleted_side``."""
     return {c.name: state.tombstoned(c.reference) for c in mapping.columns if c.reference}
 
 

@@ -161,7 +161,7 @@ class FlowWriter:
         """Tombstones, new links and bases that need no write (done once, by the first side)."""
         plan, flow = self.plan, self.mapping.name
         self.result.tombstoned = self.state.tombstone(
-            flow, plan.tombstones.select("a_id", "b_id").iter_rows(), self.run_id
+            flow, plan.tombstones.select("a_id", "b_id", "deleted_side").iter_rows(), self.run_id
         )
         # a tombstoned link has nothing left to write: its dead letters (e.g. an update that
         # met a record deleted before a full rescan noticed) would otherwise stay forever
@@ -199,7 +199,8 @@ class FlowWriter:
                         "record it referred to was deleted there; not propagated",
                     }
                     for r in plan.side_effects.iter_rows(named=True)
-                    if (r["a_id"], r["field"]) not in known
+                    # a record created on side a has no a_id yet: the next plan flags it
+                    if r["a_id"] is not None and (r["a_id"], r["field"]) not in known
                 ],
             )
         if plan.conflicts.height:
@@ -465,7 +466,7 @@ class FlowWriter:
         if not creates.height:
             return
         source = other(self.side)
-        values = to_side(creates, self.mapping, self.side, self.refs)
+        values = to_side(self._without_gone_references(creates), self.mapping, self.side, self.refs)
         for row in values.filter(pl.col("error").is_not_null()).iter_rows(named=True):
             self.result.failures.append((f"{source}:{row['source_id']}", "create", row["error"]))
         self.result.deferred += values.filter(
@@ -508,6 +509,23 @@ class FlowWriter:
             self.client.create_records,
             record,
         )
+
+    def _without_gone_references(self, creates: pl.DataFrame) -> pl.DataFrame:
+        """Creates with the references cleared whose record was deleted on this side (the
+        plan's side effects): the CRM would refuse them. The base keeps them."""
+        source = other(self.side)
+        effects = self.plan.side_effects.filter(
+            (pl.col("side") == self.side) & pl.col(f"{self.side}_id").is_null()
+        )
+        for column in effects.get_column("field").unique().to_list():
+            ids = effects.filter(pl.col("field") == column).get_column(f"{source}_id")
+            creates = creates.with_columns(
+                pl.when(pl.col("source_id").is_in(ids.implode()))
+                .then(None)
+                .otherwise(pl.col(column))
+                .alias(column)
+            )
+        return creates
 
     # -- deletes (only when the flow propagates them) -------------------------------------------
     def _deletes(self, ids: pl.DataFrame) -> None:
