@@ -1444,9 +1444,10 @@ class Harness:
     def expected_rejections(self) -> dict[tuple[str, str], set[str]]:
         """Dead letters the history makes unavoidable, by (kind, system written to).
 
-        Only one kind: a Custom CRM contact that references a product whose CRMOffice
+        Only one kind: a Custom CRM contact edited to reference a product whose CRMOffice
         company was deleted (deletes do not propagate, so the product lives on alone
-        and CRMOffice refuses the reference). Anything else left is a failure.
+        and CRMOffice refuses the reference; a create goes without it instead, see
+        :meth:`kept_reference`). Anything else left is a failure.
         """
         companies = self.w.records(OFFICE, "product")
         found: dict[tuple[str, str], set[str]] = {}
