@@ -129,6 +129,14 @@ def test_a_company_deleted_in_crm_office_leaves_custom_crm_contacts_their_produc
     for asset, meta in again.metadata.items():
         if "/writes_to_" in asset:
             assert meta["updated"] == meta["created"] == 0, (asset, meta)
+    with sync_world.custom_client() as a:  # a later edit of such a contact still syncs
+        a.update("contacts", contacts[0]["Id"], {"FirstName": "Edited"})
+    outcome = execute_sync()
+    assert outcome.success, outcome.failures
+    with sync_world.office_client() as b:
+        edited = [c for c in all_records(b, "contacts") if c["givenName"] == "Edited"]
+    assert len(edited) == 1 and edited[0]["company"] is None
+    assert sync_world.state().dead_letters("contact_to_contacts").height == 0
 
 
 @pytest.mark.parametrize("deleted_in", ["crm_office", "custom_crm"])
