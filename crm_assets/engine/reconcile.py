@@ -378,12 +378,9 @@ def reconcile_flow(
                 .otherwise(pl.col(f"{side}.{c}"))
                 .alias(f"{side}.{c}")
             )
-    # a record created where the record its reference points to was deleted goes without
-    # that reference (the CRM would refuse the create on every run) and is reported like the
-    # clears above; its base keeps the value, so the pair stays quiet after
-    for c, gone in (gone_references or {}).items():
-        if c not in cols or not gone.height:
-            continue
+        # a record created where the record its reference points to was deleted goes
+        # without that reference (the CRM would refuse the create on every run) and is
+        # reported like the clears above; its base keeps the value, so the pair stays quiet
         for side, creates in (("b", create_b), ("a", create_a)):
             source = other(side)
             there = gone.filter(

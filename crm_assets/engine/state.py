@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 #: 2: links keep their base's digest (``base_hash``)
+#: 3: tombstoned links keep the side their record was deleted on (``deleted_side``)
 SCHEMA_VERSION = 3
 
 #: Tries at creating the schema (a concurrent creator makes the first fail).
