@@ -198,14 +198,17 @@ def changed_since(
 
     Besides the records read since the mark: the records of links written since, those
     the mark left ambiguous, those of open dead letters and pending creates (retried),
-    records waiting on a reference, and records whose reference points at a link the
-    referenced flow made or changed since the mark.
+    records waiting on a reference (their own, or one the other CRM cannot be given: a
+    canonical reference with no live link in the referenced flow, which the writer defers
+    run after run), and records whose reference points at a link the referenced flow made
+    or changed since the mark.
     """
     frames = {"a": a, "b": b}
     if any(frames[s].height and last_read(frames[s]) < getattr(mark, s) for s in frames):
         return None
     since = datetime.fromisoformat(mark.at) - CLOCK_MARGIN
-    refs = [c.name for c in mapping.columns if c.reference]
+    refs = [c for c in mapping.columns if c.reference]
+    linked = {ref: state.live_links(ref).get_column("a_id") for ref in mapping.references}
     touched = pl.concat(
         [pl.Series("id", [], pl.String)]
         + [state.links_changed_since(ref, since) for ref in mapping.references]
@@ -225,7 +228,15 @@ def changed_since(
     for side, frame in frames.items():
         since_mark = pl.col("seq") > getattr(mark, side)
         waiting = pl.col("unresolved") | pl.any_horizontal(
-            [pl.col(c).is_in(touched.implode()) for c in refs] or [pl.lit(False)]
+            [
+                pl.col(c.name).is_in(touched.implode())
+                | (
+                    pl.col(c.name).is_not_null()
+                    & ~pl.col(c.name).is_in(linked[c.reference].implode())
+                )
+                for c in refs
+            ]
+            or [pl.lit(False)]
         )
         ids.append(
             pl.concat(
