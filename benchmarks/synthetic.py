@@ -173,11 +173,14 @@ def generate(n: int) -> State:
 
 
 def save_state(state: State, mapping: FlowMapping, db: SyncState) -> None:
-    """Write the links and their base values into a state database (setup, not timed), as
-    a sync a day ago left them (an incremental plan looks again at links written lately)."""
+    """Write the links and their base values (and the referenced flow's links) into a state
+    database (setup, not timed), as a sync a day ago left them (an incremental plan looks again at links written lately)."""
     names = mapping.names
     base = state.links.select("a_id", "b_id", *[pl.col(f"base.{c}").alias(c) for c in names])
     rows = ((r.pop("a_id"), r.pop("b_id"), r) for r in base.iter_rows(named=True))
     db.save_links(mapping.name, rows, run_id="benchmark-setup", columns=mapping.dtypes)
+    for flow in mapping.references:  # the products' links the contacts' references go through
+        products = state.product_links.iter_rows()
+        db.save_links(flow, ((a, b, None) for a, b in products), "benchmark-setup", columns={})
     with db.engine.begin() as conn:
         conn.execute(sa.update(links).values(updated_at=datetime.now(UTC) - timedelta(days=1)))
