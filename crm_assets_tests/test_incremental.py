@@ -176,3 +176,40 @@ def test_lost_snapshots_are_read_anew_and_nothing_is_made_twice(either_world: Sy
     with either_world.office_client() as b:
         emails = sorted(r["email"] for page in b.pages("contacts") for r in page)
     assert emails == sorted([c["email"] for c in copies] + ["late@example.com"])
+
+
+def deferred(outcome: SyncOutcome, flow: str) -> int:
+    """Records a run's writes left waiting on a reference, both CRMs together."""
+    return sum(
+        int(meta["deferred"])
+        for asset, meta in outcome.metadata.items()
+        if asset.startswith(f"{flow}/writes_to_")
+    )
+
+
+def test_a_contact_waiting_on_an_ambiguous_company_waits_in_every_run(either_world: SyncWorld):
+    """A CRMOffice contact of a company that matches two Custom CRM products cannot be
+    created in Custom CRM with its product: every run defers it (an incremental one too,
+    not only the first, full one, so the operator keeps seeing it), and once the company
+    links it is created with its product, once."""
+    with either_world.custom_client() as a:
+        product = a.create("products", {"Name": "Nordlys AS"})
+        twin = a.create("products", {"Name": "Nordlys AS"})
+    with either_world.office_client() as b:
+        company = b.create("companies", {"name": "Nordlys AS"})
+        b.create("contacts", {"email": "ann@example.com", "company": {"id": company["id"]}})
+    contacts = either_world.contacts
+    first = sync()
+    assert plan_of(first, contacts)[0] == "full" and deferred(first, contacts) == 1
+    for _ in range(2):
+        again = sync()
+        assert plan_of(again, contacts)[0] == "incremental"
+        assert deferred(again, contacts) == 1  # still waiting, still reported
+    with either_world.custom_client() as a:
+        assert [r for page in a.pages("contacts") for r in page] == []
+        a.update("products", twin["Id"], {"Name": "Nordlys Holding AS"})
+    sync()  # the products link, then the contact goes over with its product
+    sync()
+    with either_world.custom_client() as a:
+        made = [r for page in a.pages("contacts") for r in page]
+    assert [(r["Email"], r["ProductId"]) for r in made] == [("ann@example.com", product["Id"])]
