@@ -328,8 +328,9 @@ class Stored:
 
 class SnapshotStore:
     """Parquet snapshots under one folder: ``<root>/<system>/<object>.parquet`` (the base),
-    beside ``<object>.delta.parquet`` (the rows reads changed since the base was written)
-    and ``<object>.read_at``, when the last read began.
+    beside ``<object>.delta.parquet`` (the rows reads changed since the base was written),
+    ``<object>.read_at``, when the last read began, and ``<object>.crm_read_at``, the CRM's
+    own time then (the next read starts no later: see :meth:`crm_read_at`).
 
     Each write replaces an object whole (see :mod:`crm_assets.engine.storage`), so a
     failed run never leaves a half-written snapshot or overwrites the last good one.
@@ -363,15 +364,40 @@ class SnapshotStore:
         text = self.root.read_text(system, f"{obj}.read_at")
         return None if text is None else float(text)
 
-    def write(self, system: str, obj: str, frame: pl.DataFrame | None, read_started: float) -> str:
+    def crm_read_at(self, system: str, obj: str) -> datetime | None:
+        """The CRM's own time when the stored snapshot's read began, if it is known.
+
+        A record changed after that read began is stamped later than this, unless the
+        CRM's clock went back meanwhile; a snapshot's newest stamp may be later (records
+        stamped while the clock was ahead, read while it was behind), so the next read
+        starts from the earlier of the two."""
+        text = self.root.read_text(system, f"{obj}.crm_read_at")
+        return None if text is None else datetime.fromisoformat(text)
+
+    def write(
+        self,
+        system: str,
+        obj: str,
+        frame: pl.DataFrame | None,
+        read_started: float,
+        crm_started: datetime | None = None,
+    ) -> str:
         """Store the whole snapshot (as its base, folding any delta in) and when its read
-        began; returns where it is. ``None``: the read changed nothing, only its time is
-        stored (a million rows are not rewritten for a read of the overlap window)."""
+        began (our time, and the CRM's when known); returns where it is. ``None``: the read
+        changed nothing, only its time is stored (a million rows are not rewritten for a
+        read of the overlap window)."""
         if frame is not None:
             self.root.write_parquet(frame, system, f"{obj}.parquet")
             self.root.delete(system, f"{obj}{DELTA}")
-        self.root.write_text(repr(read_started), system, f"{obj}.read_at")
+        self._stamp(system, obj, read_started, crm_started)
         return self.uri(system, obj)
+
+    def _stamp(
+        self, system: str, obj: str, read_started: float, crm_started: datetime | None
+    ) -> None:
+        if crm_started is not None:
+            self.root.write_text(crm_started.isoformat(), system, f"{obj}.crm_read_at")
+        self.root.write_text(repr(read_started), system, f"{obj}.read_at")
 
     def merge(
         self,
@@ -383,6 +409,7 @@ class SnapshotStore:
         modified: str,
         full_rescan: bool,
         read_started: float,
+        crm_started: datetime | None = None,
     ) -> tuple[SnapshotChange, pl.DataFrame]:
         """Merge a read into the snapshot as ``stored`` (:meth:`open`, before the read) and
         store it.
@@ -400,7 +427,7 @@ class SnapshotStore:
         ):
             previous = None if stored is None else stored.frame()
             change = merge_snapshot(previous, fetched, id_field, modified, full_rescan)
-            self.write(system, obj, change.to_store, read_started)
+            self.write(system, obj, change.to_store, read_started, crm_started)
             return change, change.frame.select(modified, DELETED)
         base, delta = stored.base, stored.delta
         fetched_ids = fetched.get_column(id_field)
@@ -422,14 +449,14 @@ class SnapshotStore:
             [kept.select(modified, DELETED).collect(), changed.select(modified, DELETED)]
         )
         if changed.height > max(self.compact_min_rows, COMPACT_SHARE * summary.height):
-            self.write(system, obj, pl.concat([kept.collect(), changed]), read_started)
+            self.write(system, obj, pl.concat([kept.collect(), changed]), read_started, crm_started)
         elif change.touched:
             buffer = io.BytesIO()
             changed.write_parquet(buffer, metadata={"id": id_field})
             self.root.write_bytes(buffer.getvalue(), system, f"{obj}{DELTA}")
-            self.root.write_text(repr(read_started), system, f"{obj}.read_at")
+            self._stamp(system, obj, read_started, crm_started)
         else:
-            self.write(system, obj, None, read_started)
+            self.write(system, obj, None, read_started, crm_started)
         return change, summary
 
     def read_since(self, system: str, obj: str, seq: int) -> tuple[pl.DataFrame, int] | None:

@@ -56,7 +56,9 @@ def take_snapshot(
     good snapshot, and with it the cursor, as they were. The cursor never passes the
     CRM's own now, measured first with a one-record read (our clock plus the offset
     the CRM's ``Date`` header shows): a record dated in the future is read again,
-    idempotently, until its time has come.
+    idempotently, until its time has come. Nor does it pass the CRM's now when the last
+    read began: a record stamped while the CRM's clock was behind, then read, is not a
+    reason to skip what was stamped after it on the clock set right or ahead again.
     """
     read_started = time.time()
     system, obj, modified = source.system_key, source.obj, source.modified_field
@@ -64,11 +66,13 @@ def take_snapshot(
     if stored is not None and not full_rescan:
         next(iter(client.pages(obj, None, 1)), None)  # one small read: the CRM's now
     crm_now = _crm_now(client)
-    since = (
-        None
-        if full_rescan or stored is None
-        else since_with_overlap(stored.cursor(modified, crm_now), overlap)
-    )
+    since = None
+    if not full_rescan and stored is not None:
+        cursor = stored.cursor(modified, crm_now)
+        began = store.crm_read_at(system, obj)
+        since = since_with_overlap(
+            cursor if cursor is None or began is None else min(cursor, began), overlap
+        )
     records: list[dict[str, Any]] = []
     pages = 0
     for page in client.pages(obj, since):
@@ -78,7 +82,15 @@ def take_snapshot(
     # stamped with when its read began: a writer that released the flow after that is
     # newer than this snapshot (see crm_assets.sync.guard.refresh_if_stale)
     change, summary = store.merge(
-        system, obj, stored, fetched, source.id_field, modified, full_rescan, read_started
+        system,
+        obj,
+        stored,
+        fetched,
+        source.id_field,
+        modified,
+        full_rescan,
+        read_started,
+        crm_now,  # the CRM's now as this read began
     )
     crm_now = _crm_now(client)
     return SnapshotRun(
