@@ -57,8 +57,9 @@ def take_snapshot(
     CRM's own now, measured first with a one-record read (our clock plus the offset
     the CRM's ``Date`` header shows): a record dated in the future is read again,
     idempotently, until its time has come. Nor does it pass the CRM's now when the last
-    read began: a record stamped while the CRM's clock was behind, then read, is not a
-    reason to skip what was stamped after it on the clock set right or ahead again.
+    read began: records that read found stamped ahead of that now (the CRM's clock had
+    been set back) must not hide what the clock set back stamped after them, once the
+    clock is set ahead again.
     """
     read_started = time.time()
     system, obj, modified = source.system_key, source.obj, source.modified_field
