@@ -199,7 +199,7 @@ def changed_since(
     Besides the records read since the mark: the records of links written since, those
     the mark left ambiguous, those of open dead letters and pending creates (retried),
     records waiting on a reference (their own, or one the other CRM cannot be given: a
-    canonical reference with no live link in the referenced flow, which the writer defers
+    canonical reference with no link in the referenced flow, which the writer defers
     run after run), and records whose reference points at a link the referenced flow made
     or changed since the mark.
     """
@@ -208,7 +208,8 @@ def changed_since(
         return None
     since = datetime.fromisoformat(mark.at) - CLOCK_MARGIN
     refs = [c for c in mapping.columns if c.reference]
-    linked = {ref: state.live_links(ref).get_column("a_id") for ref in mapping.references}
+    # what the writer translates through: tombstoned links too (``reference_links``)
+    linked = {ref: state.links(ref, {}).get_column("a_id") for ref in mapping.references}
     touched = pl.concat(
         [pl.Series("id", [], pl.String)]
         + [state.links_changed_since(ref, since) for ref in mapping.references]
