@@ -94,15 +94,19 @@ def expected(saved: list[tuple[str, str, dict[str, Any] | None, bool]]) -> pl.Da
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(saved=links, other=links, chunk=st.integers(1, 4))
+@given(saved=links, other=links, chunk=st.integers(1, 4), share=st.sampled_from([0.0, 1.0]))
 def test_links_load_exactly_as_saved(
     states: list[SyncState],
     monkeypatch: pytest.MonkeyPatch,
     saved: list[tuple[str, str, dict[str, Any] | None, bool]],
     other: list[tuple[str, str, dict[str, Any] | None, bool]],
     chunk: int,
+    share: float,
 ) -> None:
+    # SQLite reads a flow through its index (share 1: any flow below the chunk) or in
+    # passes over rowid ranges of the table (share 0)
     monkeypatch.setattr(state_module, "SQLITE_LINK_CHUNK", chunk)
+    monkeypatch.setattr(state_module, "SQLITE_INDEXED_SHARE", share)
     flow, neighbour = f"flow-{uuid.uuid4().hex}", f"other-{uuid.uuid4().hex}"
     for state in states:
         for name, rows in ((flow, saved), (neighbour, other)):  # interleaved in the table
