@@ -132,6 +132,8 @@ class MappedSide:
 
     fresh: pl.DataFrame
     kept: KeptFrame | None = None
+    #: :meth:`counts` of the kept frame's rows that ``fresh`` does not replace, when known
+    kept_counts: dict[str, int] | None = None
 
     def frame(self) -> pl.DataFrame:
         """Every row of the side."""
@@ -141,18 +143,24 @@ class MappedSide:
 
     def counts(self) -> dict[str, int]:
         """Its records (not deleted), conversion errors and unresolved references, reading
-        only those columns of the kept frame."""
-        counts = [
-            (~pl.col("deleted")).sum().alias("records"),
-            pl.col("error").is_not_null().sum().alias("conversion_errors"),
-            pl.col("unresolved").sum().alias("unresolved_references"),
-        ]
-        parts = [self.fresh.lazy().select(counts)]
-        if self.kept is not None:
+        only those columns of the kept frame (none, when ``kept_counts`` has them)."""
+        total = self.fresh.select(_counted()).row(0, named=True)
+        kept = self.kept_counts
+        if kept is None and self.kept is not None:
             gone = pl.col("id").is_in(self.fresh.get_column("id").implode())
-            parts.append(self.kept.scan().filter(~gone).select(counts))
-        total = pl.concat(pl.collect_all(parts)).sum()
-        return {k: int(v or 0) for k, v in total.row(0, named=True).items()}
+            kept = self.kept.scan().select(_counted(~gone)).collect().row(0, named=True)
+        return {k: int(v or 0) + int((kept or {}).get(k) or 0) for k, v in total.items()}
+
+
+def _counted(where: pl.Expr | None = None) -> list[pl.Expr]:
+    """The counts a mapped step reports (:meth:`MappedSide.counts`), of the rows ``where``
+    holds."""
+    where = pl.lit(True) if where is None else where
+    return [
+        (~pl.col("deleted") & where).sum().alias("records"),
+        (pl.col("error").is_not_null() & where).sum().alias("conversion_errors"),
+        (pl.col("unresolved") & where).sum().alias("unresolved_references"),
+    ]
 
 
 def remap_side(
@@ -175,10 +183,12 @@ def remap_side(
     if kept is not None and kept.rows and fresh is not None:
         rows, height = fresh
         mapped = map_side(rows, mapping, side, refs)
-        ids = mapped.get_column("id").implode()
-        replaced = kept.scan().filter(pl.col("id").is_in(ids)).select(pl.len()).collect().item()
-        if kept.rows - replaced + mapped.height == height:
-            return MappedSide(mapped, kept)
+        gone = pl.col("id").is_in(mapped.get_column("id").implode())
+        # one pass over the kept frame: the rows replaced, and the step's counts of the rest
+        found = kept.scan().select(gone.sum().alias("replaced"), *_counted(~gone))
+        counts = found.collect().row(0, named=True)
+        if kept.rows - counts.pop("replaced") + mapped.height == height:
+            return MappedSide(mapped, kept, counts)
     return MappedSide(map_side(whole(), mapping, side, refs))
 
 

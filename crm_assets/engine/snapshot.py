@@ -468,17 +468,20 @@ class SnapshotStore:
             return None
         base, delta = stored.base, stored.delta
         height = base.select(pl.len()).collect().item()
+        recent = base.filter(pl.col(SEQ) > seq).collect()
         if delta is None:
-            return base.filter(pl.col(SEQ) > seq).collect(), height
-        ids = delta.frame.get_column(delta.id_field).implode()
-        found = base.filter((pl.col(SEQ) > seq) | pl.col(delta.id_field).is_in(ids)).collect()
-        part = found.filter(pl.col(delta.id_field).is_in(ids))
-        rows, _ = delta.newest(part)
+            return recent, height
+        in_delta = pl.col(delta.id_field).is_in(delta.frame.get_column(delta.id_field).implode())
+        # The delta's records the base holds too are counted, not decoded (their rows cost
+        # twice their ids). A base row newer than the delta's (folded in after the delta was
+        # written) is either recent, and ``newest`` keeps it, or older than ``seq``, and so
+        # is the delta's row: neither is fresh.
+        held = base.filter(in_delta).select(pl.len()).collect().item()
+        rows, _ = delta.newest(recent.filter(in_delta))
         fresh = pl.concat(
-            [found.filter(~pl.col(delta.id_field).is_in(ids)), rows.filter(pl.col(SEQ) > seq)],
-            how="diagonal_relaxed",
+            [recent.filter(~in_delta), rows.filter(pl.col(SEQ) > seq)], how="diagonal_relaxed"
         )
-        return fresh, height + rows.height - part.height
+        return fresh, height + rows.height - held
 
     def open(self, system: str, obj: str) -> Stored | None:
         """The stored snapshot, read once (a run's cursor and merge share it), or None
