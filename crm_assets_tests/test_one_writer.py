@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
 from conftest import SyncWorld
 
@@ -97,6 +98,10 @@ def test_a_cli_sync_overlapping_a_dagster_run_never_duplicates(
     home = tmp_path / "dagster_home"
     home.mkdir()
     env = {"DAGSTER_HOME": str(home)}
+    # the instance exists before any run, as in a deployment (its webserver or daemon made
+    # it): two processes creating one SQLite instance at the same moment race in Dagster's
+    # own schema stamping ("Version table 'alembic_version' has more than one head present")
+    dg.DagsterInstance.from_config(str(home)).dispose()
     for round_no in range(3):
         new_contacts(sync_world, round_no)
         dagster_run = subprocess.Popen(
