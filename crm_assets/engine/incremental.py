@@ -146,10 +146,11 @@ class MappedSide:
         only those columns of the kept frame (none, when ``kept_counts`` has them)."""
         total = self.fresh.select(_counted()).row(0, named=True)
         kept = self.kept_counts
-        if kept is None and self.kept is not None:
+        if kept is None:
             gone = pl.col("id").is_in(self.fresh.get_column("id").implode())
-            kept = self.kept.scan().select(_counted(~gone)).collect().row(0, named=True)
-        return {k: int(v or 0) + int((kept or {}).get(k) or 0) for k, v in total.items()}
+            scan = None if self.kept is None else self.kept.scan().select(_counted(~gone))
+            kept = {} if scan is None else scan.collect().row(0, named=True)
+        return {k: int(v or 0) + int(kept.get(k) or 0) for k, v in total.items()}
 
 
 def _counted(where: pl.Expr | None = None) -> list[pl.Expr]:
