@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from datetime import datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -9,9 +12,10 @@ import pytest
 from conftest import SyncWorld
 from embedded_fixtures import free_port
 
-from crm_assets.changes import format_cursor, parse_cursor
+from crm_assets.changes import Watermark, format_cursor, parse_cursor
 from crm_assets.definitions import build_definitions
 from crm_assets.defs.resources import CrmResource, SyncStorage
+from crm_assets.engine.objects import SourceObject
 from crm_assets.headless import execute_sync
 from crm_assets.settings import Settings
 
@@ -73,7 +77,7 @@ def test_a_change_starts_the_flows_reading_it_and_a_quiet_tick_starts_nothing(
     result, _ = tick("custom_crm_changes", custom_resource(sync_world))
     assert jobs_of(result) == ["sync_contact_to_contacts"]
     cursor = result.cursor
-    assert parse_cursor(cursor)["contacts"][1] == c["Id"]
+    assert parse_cursor(cursor)["contacts"].position[1] == c["Id"]
     assert format_cursor(parse_cursor(cursor)) == cursor  # deterministic
 
     quiet, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
@@ -100,7 +104,7 @@ def test_unreachable_crm_skips_the_tick_and_keeps_the_cursor(sync_world: SyncWor
         "custom_crm": CrmResource(connector="custom_crm", base_url=closed, secret="irrelevant"),
         "storage": storage(sync_world),
     }
-    cursor = format_cursor({"contacts": ("2026-01-01T00:00:00.000000+00:00", "C-1")})
+    cursor = format_cursor({"contacts": Watermark(("2026-01-01T00:00:00.000000+00:00", "C-1"))})
     result, context = tick("custom_crm_changes", resources, cursor)
     assert not result.run_requests
     assert "Custom CRM is unreachable, cursor kept" in result.skip_message
@@ -137,6 +141,78 @@ def test_a_change_after_many_records_sharing_the_cursor_moment_is_seen(sync_worl
         a.update("contacts", first["Id"], {"Title": "Changed after the import"})
     result, _ = tick("custom_crm_changes", custom_resource(sync_world), cursor)
     assert jobs_of(result) == ["sync_contact_to_contacts"]
+
+
+def commit_late(
+    world: SyncWorld, source: SourceObject, record_id: str, title: str, stamp: str
+) -> None:
+    """An edit that becomes visible only now, stamped ``stamp`` (a long transaction, a
+    search index catching up): written into the embedded CRM's database as its commit
+    would be."""
+    service = world.custom_crm if source.system_key == "custom_crm" else world.crm_office
+    title_field = next(f for f in source.fields if f.lower() == "title")
+    with sqlite3.connect(next(service.data_dir.glob("*.sqlite"))) as conn:
+        table = source.obj
+        (doc,) = conn.execute(f"SELECT doc FROM {table} WHERE id = ?", (record_id,)).fetchone()
+        doc = {**json.loads(doc), source.modified_field: stamp, title_field: title}
+        conn.execute(
+            f"UPDATE {table} SET modified = ?, version = version + 1, doc = ? WHERE id = ?",
+            (stamp, json.dumps(doc), record_id),
+        )
+
+
+@pytest.mark.parametrize("system_key", ["custom_crm", "crm_office"])
+def test_an_edit_committed_late_with_an_earlier_stamp_still_starts_its_flow(
+    sync_world: SyncWorld, system_key: str
+):
+    """Regression: a record stamped before the newest one seen, committed after that read
+    (within the window the snapshot read reaches back), started no run: the listing from
+    the cursor never showed it."""
+    mapping = sync_world.mappings[sync_world.contacts]
+    source = mapping.a if mapping.a.system_key == system_key else mapping.b
+    if system_key == "custom_crm":
+        resources, client, email = custom_resource(sync_world), sync_world.custom_client, "Email"
+    else:
+        resources, client, email = office_resource(sync_world), sync_world.office_client, "email"
+    sensor = build_definitions(Settings.from_env()).resolve_sensor_def(f"{system_key}_changes")
+
+    def tick_now(cursor: str | None) -> Any:
+        context = dg.build_sensor_context(
+            cursor=cursor, resources=resources, instance=dg.DagsterInstance.ephemeral()
+        )
+        return sensor.evaluate_tick(context)
+
+    with client() as crm:
+        first = crm.create(source.obj, {email: "late@example.com"})
+        seen = tick_now(None)
+        second = crm.create(source.obj, {email: "later@example.com"})
+        moved = tick_now(seen.cursor)
+    assert seen.run_requests and moved.run_requests
+    assert execute_sync().success  # both contacts in the other CRM; the snapshots read them
+    # stamped just before the newest record seen, as a transaction begun then would be
+    stamp = (
+        datetime.fromisoformat(second[source.modified_field].replace("Z", "+00:00"))
+        - timedelta(milliseconds=1)
+    ).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    commit_late(sync_world, source, first[source.id_field], "Committed late", stamp)
+    late = tick_now(moved.cursor)
+    assert jobs_of(late) == [f"sync_{sync_world.contacts}"]
+    again = tick_now(late.cursor)
+    assert not again.run_requests  # seen once, a change once
+    assert execute_sync().success  # the run it starts reads the edit too, and syncs it
+    other = sync_world.office_client if system_key == "custom_crm" else sync_world.custom_client
+    with other() as crm:
+        titles = {r.get("title") or r.get("Title") for page in crm.pages("contacts") for r in page}
+    assert "Committed late" in titles
+
+
+def test_a_cursor_of_an_earlier_version_still_reads_from_its_position(sync_world: SyncWorld):
+    with sync_world.custom_client() as a:
+        a.create("contacts", {"Email": "upgrade@example.com"})
+    old = json.dumps({"contacts": ["2026-01-01T00:00:00.000000+00:00", "C-0"]})
+    result, _ = tick("custom_crm_changes", custom_resource(sync_world), old)
+    assert jobs_of(result) == [f"sync_{sync_world.contacts}"]
+    assert parse_cursor(result.cursor)["contacts"].read_at  # the new form from now on
 
 
 def test_refused_credentials_fail_the_tick_naming_the_setting(sync_world: SyncWorld):

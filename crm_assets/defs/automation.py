@@ -6,7 +6,13 @@ from typing import Any
 
 import dagster as dg
 
-from crm_assets.changes import detect_changes, format_cursor, parse_cursor
+from crm_assets.changes import (
+    Watermark,
+    cursor_key,
+    detect_changes,
+    format_cursor,
+    parse_cursor,
+)
 from crm_assets.connectors import with_fix
 from crm_assets.defs.sync_assets import FLOW_TAG, flow_key
 from crm_assets.engine.incremental import last_mark
@@ -48,7 +54,7 @@ def build_change_sensor(
         required_resource_keys={system_key, "storage"},
     )
     def changes(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        positions = parse_cursor(context.cursor)
+        marks = parse_cursor(context.cursor)
         state = context.resources.storage.state()
 
         def own(source: SourceObject, stamped: list[tuple[str, str]]) -> set[str]:
@@ -59,19 +65,22 @@ def build_change_sensor(
 
         try:
             with getattr(context.resources, system_key).client(retry=SENSOR_RETRY) as client:
-                changed, new_positions = detect_changes(client, sources, positions, own)
+                changed, new_marks = detect_changes(client, sources, marks, own)
         except CrmAuthError as exc:  # a failed tick (red), with the setting to fix
             raise dg.Failure(description=with_fix("credentials", str(exc))) from None
         except CrmError as exc:
             return dg.SkipReason(f"{system} is unreachable, cursor kept: {exc}")
-        cursor = format_cursor(new_positions)
+        cursor = format_cursor(new_marks)
         if not changed:
-            if cursor != format_cursor(positions):  # only the sync's own writes: move on
-                return dg.SensorResult(
-                    skip_reason=f"only the sync's own writes changed in {system}",
-                    cursor=cursor,
-                )
-            return dg.SkipReason(f"no {system} record changed")
+            moved = any(
+                m.position != marks.get(o, Watermark()).position for o, m in new_marks.items()
+            )
+            return dg.SensorResult(
+                skip_reason=f"only the sync's own writes changed in {system}"
+                if moved
+                else f"no {system} record changed",
+                cursor=cursor,  # the window of what this read saw moves on either way
+            )
         objs = {(s.system_key, s.obj) for s in changed}
         flows = [
             m
@@ -89,7 +98,7 @@ def build_change_sensor(
             run_requests=[
                 dg.RunRequest(
                     job_name=f"sync_{m.name}",
-                    run_key=f"{system_key}:{m.name}:{cursor}",
+                    run_key=f"{system_key}:{m.name}:{cursor_key(cursor)}",
                     tags={"crm_assets/trigger": f"{system_key} changed"},
                 )
                 for m in flows
