@@ -1,12 +1,16 @@
-"""Change detection: has a CRM object changed since a cursor? One small request when not.
+"""Change detection: has a CRM object changed since a cursor? Small requests when not: one
+to learn the CRM's clock, one per object.
 
-A cursor is, per object, the ``(modification time, id)`` of the newest record seen,
-the CRM's now when that object was last read, and the records seen stamped within
-:data:`LATE_WINDOW` of that now. Records are listed from the earlier of the cursor's
-moment and that now less the window: a record past the cursor is a change (records
-sharing the cursor's moment are read past), and so is one stamped before it that the
-last read did not see (committed late: a long transaction, a search index catching up).
-Unless its version is one the sync wrote itself: then it only moves the cursor.
+A cursor is, per object, a :class:`Watermark`: the ``(modification time, id)`` of the
+newest record seen, when the object was last read (our clock, and the CRM's offset then),
+and the records seen stamped from :data:`OVERLAP` before the CRM's now on. Records are
+listed from the cursor's moment, or from the last read's moment less that window when
+earlier (in the CRM's time then or now, whichever is earlier: a clock set back). A listed
+record not seen before is a change when it is past the cursor, or stamped inside that
+window (committed late: a long transaction, a search index catching up; or stamped after
+a clock was set back), or dated ahead of the CRM's now (its clock was set back and its
+stamps stay ahead): each such version is a change once. Unless its version is one the
+sync wrote itself: then it only moves the cursor. The cursor never passes the CRM's now.
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ RECENT_LIMIT = 500
 
 @dataclass(frozen=True)
 class Watermark:
-    """Where one object's listing stands: the newest record seen, the CRM's now when it was
-    read (empty for a cursor from before late commits were looked for), and the records seen
-    stamped within the window before that now."""
+    """Where one object's listing stands (see the module doc). ``read_at`` is empty for a
+    cursor of an earlier version, which knew only the position."""
 
     position: Position = ("", "")
+    #: our clock when the object was last read, and the CRM's clock minus ours then
     read_at: str = ""
+    offset: float = 0.0
+    #: the records that read listed stamped from the window before the CRM's now on
     recent: tuple[Position, ...] = field(default_factory=tuple)
 
 
@@ -60,9 +66,11 @@ def parse_cursor(cursor: str | None) -> dict[str, Watermark]:
         if isinstance(value, list) and len(value) == 2:
             out[obj] = Watermark((str(value[0]), str(value[1])))
         elif isinstance(value, dict) and isinstance(value.get("at"), list):
-            recent = tuple((str(t), str(i)) for t, i in value.get("recent", []))
             out[obj] = Watermark(
-                (str(value["at"][0]), str(value["at"][1])), str(value.get("read", "")), recent
+                (str(value["at"][0]), str(value["at"][1])),
+                str(value.get("read", "")),
+                float(value.get("offset") or 0.0),
+                tuple((str(t), str(i)) for t, i in value.get("recent", [])),
             )
     return out
 
@@ -71,7 +79,12 @@ def format_cursor(marks: dict[str, Watermark]) -> str:
     """A deterministic string: the same watermarks always give the same cursor."""
     return json.dumps(
         {
-            obj: {"at": list(m.position), "read": m.read_at, "recent": sorted(map(list, m.recent))}
+            obj: {
+                "at": list(m.position),
+                "read": m.read_at,
+                "offset": m.offset,
+                "recent": sorted(map(list, m.recent)),
+            }
             for obj, m in sorted(marks.items())
         },
         separators=(",", ":"),
@@ -104,53 +117,53 @@ def detect_changes(
     marks: dict[str, Watermark],
     own_writes: OwnWrites | None = None,
 ) -> tuple[list[SourceObject], dict[str, Watermark]]:
-    """The objects changed since their watermarks, and the watermarks after those changes.
+    """The objects changed since their watermarks, and the watermarks after those changes
+    (the rules: the module doc).
 
     A record whose version the sync wrote itself (``own_writes``) moves the position but
-    is no change: the sync's writes do not start another run. A record dated after the
-    CRM's own now (its clock as its ``Date`` headers say) is neither a change nor a
-    position: a cursor past the CRM's now would skip every later edit. A record that
-    becomes visible up to :data:`OVERLAP` after its stamp (the window the snapshot read
-    reaches back, so the run started reads it too) is a change when the last read did not
-    see it, even stamped before the newest record seen.
+    is no change: the sync's writes do not start another run. The window is the one the
+    snapshot read reaches back (:data:`OVERLAP`), so the run a late record starts reads
+    it too.
     """
     changed: list[SourceObject] = []
     new_marks = dict(marks)
+    sources = list(sources)
+    if sources and client.clock_offset() is None:  # one small read: the CRM's clock
+        next(iter(client.pages(sources[0].obj, None, 1)), None)
     for source in sources:
         mark = marks.get(source.obj) or Watermark()
-        known = mark.position
-        now = _crm_now(client)
-        # what the last read may have missed: stamped in its window, committed after it
-        late_from = _stamp(_moment(mark.read_at) - OVERLAP) if mark.read_at else None
+        known, seen = mark.position, set(mark.recent)
+        ours = datetime.now(UTC)
+        offset = significant(client.clock_offset())
+        now = _stamp(ours + timedelta(seconds=offset + CLOCK_RESOLUTION_SECONDS))
+        late_from = (
+            _stamp(_moment(mark.read_at) + timedelta(seconds=min(mark.offset, offset)) - OVERLAP)
+            if mark.read_at
+            else None
+        )
         since = min(known[0], late_from or known[0]) if known[0] else None
-        seen, window_from = set(mark.recent), _stamp(_moment(now) - OVERLAP)
+        # from where the next read's window may begin: that read counts the rest as new
+        window_from = _stamp(ours + timedelta(seconds=offset - CLOCK_RESOLUTION_SECONDS) - OVERLAP)
         newest, edited, recent = known, False, []
-        # When nothing changed this reads the records at the cursor's moment: one request.
+        # When nothing changed this reads the records of the cursor's moment or the window.
         for page in client.pages(source.obj, since and _moment(since), PAGE_SIZE):
-            listed = [p for r in page if (p := _position(r, source))[0] <= now]
+            listed = [_position(r, source) for r in page]
             recent += [p for p in listed if p[0] >= window_from]
-            fresh = [p for p in listed if p > known or _late(p, late_from, seen)]
-            if not fresh:
-                continue
-            newest = max(newest, *fresh)
-            if not edited:
+            newest = max([newest, *(p for p in listed if p[0] <= now)])
+            fresh = [
+                p
+                for p in listed
+                if p not in seen and (p > known or (late_from is not None and p[0] >= late_from))
+            ]
+            if fresh and not edited:
                 mine = own_writes(source, fresh) if own_writes else set()
                 edited = any(record_id not in mine for _t, record_id in fresh)
-        new_marks[source.obj] = Watermark(newest, now, tuple(sorted(set(recent))[-RECENT_LIMIT:]))
+        recent = sorted(set(recent))[-RECENT_LIMIT:]
+        new_marks[source.obj] = Watermark(newest, _stamp(ours), offset, tuple(recent))
         if edited:
             changed.append(source)
     return changed, new_marks
 
 
-def _late(position: Position, late_from: str | None, seen: set[Position]) -> bool:
-    return late_from is not None and position[0] >= late_from and position not in seen
-
-
 def _stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _crm_now(client: CrmClient) -> str:
-    """The CRM's now as a position's time: our clock plus its measured offset."""
-    offset = significant(client.clock_offset()) + CLOCK_RESOLUTION_SECONDS
-    return _stamp(datetime.now(UTC) + timedelta(seconds=offset))

@@ -206,6 +206,61 @@ def test_an_edit_committed_late_with_an_earlier_stamp_still_starts_its_flow(
     assert "Committed late" in titles
 
 
+@pytest.mark.parametrize("system_key", ["custom_crm", "crm_office"])
+def test_edits_start_their_flow_while_the_crms_clock_is_ahead_and_after_it_is_set_back(
+    sync_world: SyncWorld, system_key: str
+):
+    """Regression: with the CRM's clock an hour ahead, and after it was set back (its stamps
+    stay ahead of its clock then: a stamp never goes back), each edit was "dated after the
+    CRM's now" and started no run until the hour had passed."""
+    service = sync_world.custom_crm if system_key == "custom_crm" else sync_world.crm_office
+    if system_key == "custom_crm":
+        resources, client, email = custom_resource(sync_world), sync_world.custom_client, "Email"
+    else:
+        resources, client, email = office_resource(sync_world), sync_world.office_client, "email"
+    mapping = sync_world.mappings[sync_world.contacts]
+    source = mapping.a if mapping.a.system_key == system_key else mapping.b
+    title = next(f for f in source.fields if f.lower() == "title")
+    sensor = build_definitions(Settings.from_env()).resolve_sensor_def(f"{system_key}_changes")
+    cursor, started = None, []
+
+    def tick_now() -> Any:
+        nonlocal cursor
+        context = dg.build_sensor_context(
+            cursor=cursor, resources=resources, instance=dg.DagsterInstance.ephemeral()
+        )
+        result = sensor.evaluate_tick(context)
+        cursor = result.cursor or cursor
+        started.append(jobs_of(result))
+        return result
+
+    def set_clock(offset: float) -> None:
+        with service.client() as c:
+            c.post("/_admin/clock", json={"offset_seconds": offset}).raise_for_status()
+
+    flow = [f"sync_{sync_world.contacts}"]
+    with client() as crm:
+        record_id = crm.create(source.obj, {email: "clock@example.com"})[source.id_field]
+
+        def edit(value: str) -> None:
+            if system_key == "custom_crm":
+                crm.update(source.obj, record_id, {title: value})
+            else:  # CRMOffice replaces whole records
+                crm.replace(source.obj, record_id, {**crm.get(source.obj, record_id), title: value})
+
+        tick_now()
+        set_clock(3600)
+        edit("Edited an hour ahead")
+        tick_now()
+        tick_now()
+        set_clock(0)
+        edit("Edited after the clock went back")
+        tick_now()
+        tick_now()
+    print(f"\nruns started per tick: {started}")
+    assert started == [flow, flow, [], flow, []]
+
+
 def test_a_cursor_of_an_earlier_version_still_reads_from_its_position(sync_world: SyncWorld):
     with sync_world.custom_client() as a:
         a.create("contacts", {"Email": "upgrade@example.com"})
