@@ -259,6 +259,11 @@ def test_edits_start_their_flow_while_the_crms_clock_is_ahead_and_after_it_is_se
         tick_now()
     print(f"\nruns started per tick: {started}")
     assert started == [flow, flow, [], flow, []]
+    assert execute_sync().success  # the run it starts syncs the edit, stamp ahead and all
+    other = sync_world.office_client if system_key == "custom_crm" else sync_world.custom_client
+    with other() as crm:
+        titles = {r.get("title") or r.get("Title") for page in crm.pages("contacts") for r in page}
+    assert "Edited after the clock went back" in titles
 
 
 def test_a_cursor_of_an_earlier_version_still_reads_from_its_position(sync_world: SyncWorld):
