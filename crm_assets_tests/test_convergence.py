@@ -1110,12 +1110,27 @@ class Harness:
         self.audit_seen = audit.height
         raced = {(r.kind, r.system, r.record_id): r for r in self.races[races_before:]}
         self.check_snapshots(raw_before)
+        self.check_tombstones()
         for kind in KINDS:
             times = run.times.get(kind, {})
             self.check_spellings(kind, pre[kind], post[kind], raced)
             self.check_plan_offsets(kind, pre[kind], times, settled)
             self.check_merges(kind, pre[kind], post[kind], new_audit, raced, refs, times, settled)
         return run
+
+    def check_tombstones(self) -> None:
+        """A link is tombstoned only when one of its records is gone: no record comes back,
+        so a tombstoned link whose records both live lost its pair for good (a plan that
+        read a snapshot missing the record: it reads as deleted)."""
+        for kind in KINDS:
+            links = self.w.link_table(kind).filter(pl.col("tombstoned"))
+            live = {s: self.w.records(s, kind) for s in SYSTEMS}
+            both = [
+                (c, o)
+                for c, o in zip(links[CUSTOM], links[OFFICE], strict=True)
+                if c in live[CUSTOM] and o in live[OFFICE]
+            ]
+            assert not both, f"{self.w.flow(kind).name}: tombstoned, both records live: {both}"
 
     def settled(self, system: str) -> bool:
         """Whether the sync's estimate of a CRM's clock offset is its offset now: the state

@@ -16,12 +16,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.synthetic import contact_mapping, generate
 from crm_assets.engine.mapping import map_side
 from crm_assets.engine.snapshot import SEQ, SnapshotStore, merge_snapshot
+from crm_assets.engine.storage import Storage
 from crm_assets.sync import map_flow, mapped_sides
 from crm_assets.sync.files import FlowFiles
 
@@ -207,3 +209,41 @@ def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_re
     fresh, height = store.read_since(system, obj, 0)
     assert height == SEED["a"].height
     assert fresh.filter(pl.col(id_field) == first.item(0, id_field)).item(0, title) == "newer"
+
+
+def test_a_read_while_another_run_folds_the_delta_into_the_base_loses_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs at once: one reads the snapshot (base, then delta: two objects) while the
+    other folds the delta into a new base and removes it. The read holds every row: a
+    record missing from it would read as deleted, and its link would be tombstoned."""
+    store = SnapshotStore(tmp_path, compact_min_rows=1_000)
+    system, obj = MAPPING.a.system_key, MAPPING.a.obj
+    id_field, modified = FIELDS["a"][:2]
+    store.write(system, obj, merge_snapshot(None, SEED["a"], id_field, modified, False).frame, 0)
+    new = (
+        SEED["a"]
+        .head(1)
+        .with_columns(pl.lit("N-new").alias(id_field), pl.col(modified) + timedelta(seconds=1))
+    )
+    store.merge(system, obj, store.open(system, obj), new, id_field, modified, False, 1.0)
+    assert (tmp_path / system / f"{obj}.delta.parquet").exists()  # the new record: a delta
+    folded = store.read(system, obj)
+    reads = Storage.read_bytes
+    armed = [True]
+
+    def read_bytes(self: Storage, *parts: str) -> bytes | None:
+        data = reads(self, *parts)
+        if armed and parts[0] == system:  # after the first of the snapshot's two objects
+            armed.clear()
+            store.write(system, obj, folded, 2.0)  # the other run: new base, delta removed
+        return data
+
+    monkeypatch.setattr(Storage, "read_bytes", read_bytes)
+    stored = store.open(system, obj)
+    monkeypatch.undo()
+    assert not armed, "the other run's write did not happen during the read"
+    assert not (tmp_path / system / f"{obj}.delta.parquet").exists()
+    assert stored is not None
+    assert "N-new" in stored.frame().get_column(id_field).to_list()
+    assert stored.frame().height == SEED["a"].height + 1

@@ -485,12 +485,19 @@ class SnapshotStore:
 
     def open(self, system: str, obj: str) -> Stored | None:
         """The stored snapshot, read once (a run's cursor and merge share it), or None
-        before the first read."""
+        before the first read.
+
+        The delta is read before the base: a run folding the delta into a new base
+        (:meth:`write`) writes that base before it removes the delta, so a delta read
+        first is either still beside the base read next or folded into it. Read the other
+        way round, a base read just before another run's fold and a delta read just after
+        it lose the delta's rows, and a linked record missing from a snapshot reads as
+        deleted (its link is tombstoned for good)."""
+        raw = self.root.read_bytes(system, f"{obj}{DELTA}")
         data = self.root.read_bytes(system, f"{obj}.parquet")
         if data is None:
             return None
         base = pl.scan_parquet(io.BytesIO(data))
-        raw = self.root.read_bytes(system, f"{obj}{DELTA}")
         if raw is None:
             return Stored(base, None)
         meta = pl.read_parquet_metadata(io.BytesIO(raw))
