@@ -24,8 +24,8 @@ from typing import Any
 
 from crm_assets.connector import CrmClient
 from crm_assets.engine.objects import SourceObject
+from crm_assets.engine.snapshot import OVERLAP
 from crm_assets.engine.state import CLOCK_RESOLUTION_SECONDS, significant
-from crm_assets.sync.snapshots import OVERLAP
 
 Position = tuple[str, str]  # (modification time as the API writes it, id)
 

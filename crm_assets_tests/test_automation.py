@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,6 @@ from embedded_fixtures import free_port
 from crm_assets.changes import Watermark, format_cursor, parse_cursor
 from crm_assets.definitions import build_definitions
 from crm_assets.defs.resources import CrmResource, SyncStorage
-from crm_assets.engine.objects import SourceObject
 from crm_assets.headless import execute_sync
 from crm_assets.settings import Settings
 
@@ -143,18 +143,54 @@ def test_a_change_after_many_records_sharing_the_cursor_moment_is_seen(sync_worl
     assert jobs_of(result) == ["sync_contact_to_contacts"]
 
 
-def commit_late(
-    world: SyncWorld, source: SourceObject, record_id: str, title: str, stamp: str
-) -> None:
+@dataclass
+class ContactsOf:
+    """One CRM's contacts as the sensor tests edit them, and its change sensor ticked
+    directly (built once: a tick then reads the CRM within milliseconds)."""
+
+    world: SyncWorld
+    system_key: str
+
+    def __post_init__(self) -> None:
+        mapping = self.world.mappings[self.world.contacts]
+        self.source = mapping.a if mapping.a.system_key == self.system_key else mapping.b
+        custom = self.system_key == "custom_crm"
+        self.service = self.world.custom_crm if custom else self.world.crm_office
+        self.resources = custom_resource(self.world) if custom else office_resource(self.world)
+        self.client = self.world.custom_client if custom else self.world.office_client
+        self.email = "Email" if custom else "email"
+        self.title = next(f for f in self.source.fields if f.lower() == "title")
+        self.sensor = build_definitions(Settings.from_env()).resolve_sensor_def(
+            f"{self.system_key}_changes"
+        )
+
+    def tick(self, cursor: str | None) -> Any:
+        context = dg.build_sensor_context(
+            cursor=cursor, resources=self.resources, instance=dg.DagsterInstance.ephemeral()
+        )
+        return self.sensor.evaluate_tick(context)
+
+    def titles_in_the_other_crm(self) -> set[str | None]:
+        other = (
+            self.world.office_client
+            if self.system_key == "custom_crm"
+            else self.world.custom_client
+        )
+        with other() as crm:
+            return {
+                r.get("title") or r.get("Title") for page in crm.pages("contacts") for r in page
+            }
+
+
+def commit_late(contacts: ContactsOf, record_id: str, title: str, stamp: str) -> None:
     """An edit that becomes visible only now, stamped ``stamp`` (a long transaction, a
     search index catching up): written into the embedded CRM's database as its commit
     would be."""
-    service = world.custom_crm if source.system_key == "custom_crm" else world.crm_office
-    title_field = next(f for f in source.fields if f.lower() == "title")
-    with sqlite3.connect(next(service.data_dir.glob("*.sqlite"))) as conn:
+    source = contacts.source
+    with sqlite3.connect(next(contacts.service.data_dir.glob("*.sqlite"))) as conn:
         table = source.obj
         (doc,) = conn.execute(f"SELECT doc FROM {table} WHERE id = ?", (record_id,)).fetchone()
-        doc = {**json.loads(doc), source.modified_field: stamp, title_field: title}
+        doc = {**json.loads(doc), source.modified_field: stamp, contacts.title: title}
         conn.execute(
             f"UPDATE {table} SET modified = ?, version = version + 1, doc = ? WHERE id = ?",
             (stamp, json.dumps(doc), record_id),
@@ -168,25 +204,13 @@ def test_an_edit_committed_late_with_an_earlier_stamp_still_starts_its_flow(
     """Regression: a record stamped before the newest one seen, committed after that read
     (within the window the snapshot read reaches back), started no run: the listing from
     the cursor never showed it."""
-    mapping = sync_world.mappings[sync_world.contacts]
-    source = mapping.a if mapping.a.system_key == system_key else mapping.b
-    if system_key == "custom_crm":
-        resources, client, email = custom_resource(sync_world), sync_world.custom_client, "Email"
-    else:
-        resources, client, email = office_resource(sync_world), sync_world.office_client, "email"
-    sensor = build_definitions(Settings.from_env()).resolve_sensor_def(f"{system_key}_changes")
-
-    def tick_now(cursor: str | None) -> Any:
-        context = dg.build_sensor_context(
-            cursor=cursor, resources=resources, instance=dg.DagsterInstance.ephemeral()
-        )
-        return sensor.evaluate_tick(context)
-
-    with client() as crm:
+    contacts = ContactsOf(sync_world, system_key)
+    source, email = contacts.source, contacts.email
+    with contacts.client() as crm:
         first = crm.create(source.obj, {email: "late@example.com"})
-        seen = tick_now(None)
+        seen = contacts.tick(None)
         second = crm.create(source.obj, {email: "later@example.com"})
-        moved = tick_now(seen.cursor)
+        moved = contacts.tick(seen.cursor)
     assert seen.run_requests and moved.run_requests
     assert execute_sync().success  # both contacts in the other CRM; the snapshots read them
     # stamped just before the newest record seen, as a transaction begun then would be
@@ -194,16 +218,13 @@ def test_an_edit_committed_late_with_an_earlier_stamp_still_starts_its_flow(
         datetime.fromisoformat(second[source.modified_field].replace("Z", "+00:00"))
         - timedelta(milliseconds=1)
     ).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    commit_late(sync_world, source, first[source.id_field], "Committed late", stamp)
-    late = tick_now(moved.cursor)
+    commit_late(contacts, first[source.id_field], "Committed late", stamp)
+    late = contacts.tick(moved.cursor)
     assert jobs_of(late) == [f"sync_{sync_world.contacts}"]
-    again = tick_now(late.cursor)
+    again = contacts.tick(late.cursor)
     assert not again.run_requests  # seen once, a change once
     assert execute_sync().success  # the run it starts reads the edit too, and syncs it
-    other = sync_world.office_client if system_key == "custom_crm" else sync_world.custom_client
-    with other() as crm:
-        titles = {r.get("title") or r.get("Title") for page in crm.pages("contacts") for r in page}
-    assert "Committed late" in titles
+    assert "Committed late" in contacts.titles_in_the_other_crm()
 
 
 @pytest.mark.parametrize("system_key", ["custom_crm", "crm_office"])
@@ -213,34 +234,23 @@ def test_edits_start_their_flow_while_the_crms_clock_is_ahead_and_after_it_is_se
     """Regression: with the CRM's clock an hour ahead, and after it was set back (its stamps
     stay ahead of its clock then: a stamp never goes back), each edit was "dated after the
     CRM's now" and started no run until the hour had passed."""
-    service = sync_world.custom_crm if system_key == "custom_crm" else sync_world.crm_office
-    if system_key == "custom_crm":
-        resources, client, email = custom_resource(sync_world), sync_world.custom_client, "Email"
-    else:
-        resources, client, email = office_resource(sync_world), sync_world.office_client, "email"
-    mapping = sync_world.mappings[sync_world.contacts]
-    source = mapping.a if mapping.a.system_key == system_key else mapping.b
-    title = next(f for f in source.fields if f.lower() == "title")
-    sensor = build_definitions(Settings.from_env()).resolve_sensor_def(f"{system_key}_changes")
+    contacts = ContactsOf(sync_world, system_key)
+    source, title = contacts.source, contacts.title
     cursor, started = None, []
 
-    def tick_now() -> Any:
+    def tick_now() -> None:
         nonlocal cursor
-        context = dg.build_sensor_context(
-            cursor=cursor, resources=resources, instance=dg.DagsterInstance.ephemeral()
-        )
-        result = sensor.evaluate_tick(context)
+        result = contacts.tick(cursor)
         cursor = result.cursor or cursor
         started.append(jobs_of(result))
-        return result
 
     def set_clock(offset: float) -> None:
-        with service.client() as c:
+        with contacts.service.client() as c:
             c.post("/_admin/clock", json={"offset_seconds": offset}).raise_for_status()
 
     flow = [f"sync_{sync_world.contacts}"]
-    with client() as crm:
-        record_id = crm.create(source.obj, {email: "clock@example.com"})[source.id_field]
+    with contacts.client() as crm:
+        record_id = crm.create(source.obj, {contacts.email: "clock@example.com"})[source.id_field]
 
         def edit(value: str) -> None:
             if system_key == "custom_crm":
@@ -260,10 +270,7 @@ def test_edits_start_their_flow_while_the_crms_clock_is_ahead_and_after_it_is_se
     print(f"\nruns started per tick: {started}")
     assert started == [flow, flow, [], flow, []]
     assert execute_sync().success  # the run it starts syncs the edit, stamp ahead and all
-    other = sync_world.office_client if system_key == "custom_crm" else sync_world.custom_client
-    with other() as crm:
-        titles = {r.get("title") or r.get("Title") for page in crm.pages("contacts") for r in page}
-    assert "Edited after the clock went back" in titles
+    assert "Edited after the clock went back" in contacts.titles_in_the_other_crm()
 
 
 def test_a_cursor_of_an_earlier_version_still_reads_from_its_position(sync_world: SyncWorld):

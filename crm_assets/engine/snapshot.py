@@ -556,6 +556,11 @@ class KeptFrame:
         return pl.scan_parquet(io.BytesIO(self.data))
 
 
+#: How far back an incremental read reaches before the cursor (late commits, clock skew);
+#: the change sensors look back as far, so a run they start reads what they saw.
+OVERLAP = timedelta(seconds=5)
+
+
 def since_with_overlap(cursor: datetime | None, overlap: timedelta) -> datetime | None:
     """Where an incremental read starts: the cursor minus an overlap window.
 

@@ -13,6 +13,7 @@ from crm_assets.connector import CrmClient
 from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.snapshot import (
     DELETED,
+    OVERLAP,
     SnapshotChange,
     SnapshotStore,
     future_dated,
@@ -21,9 +22,6 @@ from crm_assets.engine.snapshot import (
     since_with_overlap,
 )
 from crm_assets.engine.state import CLOCK_RESOLUTION_SECONDS, SyncState, significant
-
-#: How far back an incremental read reaches before the cursor (late commits, clock skew).
-OVERLAP = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
