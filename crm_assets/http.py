@@ -10,10 +10,12 @@ both happen in the client's httpx response hook, so every call is covered.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import random
+import ssl
 import statistics
 import threading
 import time
@@ -310,6 +312,14 @@ def date_offset(response: httpx.Response, received: datetime) -> float | None:
     return (server - received).total_seconds()
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The process's one verifying TLS context (``SSL_CERT_FILE``/``SSL_CERT_DIR`` as httpx
+    reads them): httpx otherwise loads the CA bundle anew for every client, about 0.1 s
+    each, and a run builds a client per CRM in several of its steps."""
+    return httpx.create_ssl_context()
+
+
 class HttpClient:
     """What every CRM client shares: one pooled httpx client, pacing, retries, closing,
     a bound on response size and a reading of the server's clock.
@@ -341,6 +351,7 @@ class HttpClient:
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections),
             event_hooks=hooks,
+            verify=tls_context(),
         )
         self.retry = retry or RetryPolicy()
         self.max_response_bytes = max_response_bytes
