@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 # compiled at install: with PYTHONDONTWRITEBYTECODE set (as on CI's machines) every process
 # would otherwise compile Dagster's thousand modules again, 3 to 5 s a `crm-assets` command
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip sync -q --compile-bytecode --python $(BIN)/python requirements.lock

@@ -139,3 +139,16 @@ def test_several_documents_load_together_sharing_snapshots(tmp_path, monkeypatch
         "hubspot_changes",
         "reference_followups",
     ]
+
+
+def test_the_install_compiled_dagster_and_the_project():
+    """Commands and runs start from compiled modules: with ``PYTHONDONTWRITEBYTECODE`` set
+    (as on CI's machines) an install without them compiles Dagster again in every process,
+    3 to 5 s of each ``crm-assets`` command and of every subprocess the tests start."""
+    import importlib.util
+
+    import crm_assets.headless
+
+    for module in (dg, crm_assets.headless):
+        compiled = Path(importlib.util.cache_from_source(str(module.__file__)))
+        assert compiled.exists(), f"{compiled} missing: `make clean install` compiles it"
