@@ -6,13 +6,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from crm_assets.engine.checks import (
-    CheckOutcome,
-    disagreements,
-    flow_checks,
-    linked_pairs,
-    unlinked,
-)
+from crm_assets.engine.checks import CheckOutcome, agreement, flow_checks
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.reconcile import ReconcileOptions
 from crm_assets.engine.snapshot import SnapshotStore
@@ -52,6 +46,7 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
     links = state.links(mapping.name, {})  # the checks read pairs, not base values
     read_only = ReconcileOptions(mode="read_only")
     plan = plan_flow(mapping, a, b, state, read_only, full=True, links=links)
+    agreed = agreement(mapping, mapped, links, refs, gone)
     checks = flow_checks(
         mapping,
         mapped,
@@ -59,15 +54,14 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
         links,
         plan.ambiguous,
         state.dead_letters(mapping.name),
-        refs,
+        agreed,
         side_effects=plan.side_effects,
-        gone_references=gone,
     )
     return FlowVerification(
         flow=mapping.name,
-        linked=linked_pairs(a, b, links),
-        disagreements=disagreements(mapping, a, b, links, refs, gone).filter(~pl.col("waiting")),
-        unlinked_a=unlinked(a, links, "a"),
-        unlinked_b=unlinked(b, links, "b"),
+        linked=agreed.linked,
+        disagreements=agreed.disagreements.filter(~pl.col("waiting")),
+        unlinked_a=agreed.unlinked["a"],
+        unlinked_b=agreed.unlinked["b"],
         checks=checks,
     )
