@@ -17,8 +17,11 @@ from typing import Any
 import polars as pl
 from conftest import SyncWorld
 
+from crm_assets.definitions import build_definitions
+from crm_assets.defs.sync_assets import flow_key
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.headless import SyncOutcome, execute_sync
+from crm_assets.settings import Settings
 from crm_assets.sync import take_snapshot
 from crm_assets.sync.records import unlinked_table
 
@@ -222,6 +225,15 @@ def test_unlinked_records_are_named_with_why(either_world: SyncWorld):
     assert rows[("Custom CRM", "Twin Co")]["reason"] == "2 candidates"
     failed = rows[("Custom CRM", "Bad Number")]
     assert failed["reason"] == "not created yet (failed)" and "orgNr" in failed["detail"]
+
+    # the run's table came from its verification's plan; the asset materialized alone,
+    # in a run of its own, makes the same table itself
+    meta, table = asset_table(outcome, f"{contacts}/unlinked")
+    defs = build_definitions(Settings.from_env())
+    key = flow_key(sync_world.mappings[contacts], "unlinked")
+    alone = defs.resolve_implicit_global_asset_job_def().execute_in_process(asset_selection=[key])
+    assert alone.success
+    assert pl.read_parquet(meta["path"]).sort(pl.all()).equals(table.sort(pl.all()))
 
     # a record made after the run has no match yet: the next run creates it
     with sync_world.custom_client() as a:

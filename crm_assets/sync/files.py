@@ -88,6 +88,15 @@ class FlowFiles:
             )
         return upsert_rows(pl.scan_parquet(io.BytesIO(kept)), fresh)
 
+    def save_unlinked(self, table: pl.DataFrame) -> None:
+        """The unlinked records as the run's verification found them, for its unlinked step."""
+        self.folder.write_parquet(table, "unlinked.parquet")
+
+    def load_unlinked(self) -> pl.DataFrame | None:
+        """The run's verification's unlinked records, if it saved them."""
+        data = self.folder.read_bytes("unlinked.parquet")
+        return None if data is None else pl.read_parquet(io.BytesIO(data))
+
     def save_plan(self, plan: Plan) -> None:
         """The plan, replacing the last one and its confirmations."""
         folder = self.plan_dir

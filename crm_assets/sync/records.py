@@ -25,7 +25,7 @@ import polars as pl
 
 from crm_assets.engine.checks import unlinked
 from crm_assets.engine.mapping import FlowMapping, to_side
-from crm_assets.engine.reconcile import ReconcileOptions, other
+from crm_assets.engine.reconcile import Plan, ReconcileOptions, other
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import UPDATE_ACTIONS, SyncState, dead_letter_record
 from crm_assets.sync.planning import map_flow, plan_flow, reference_links
@@ -256,15 +256,9 @@ _REASONS = {"side": pl.String, "id": pl.String, "reason": pl.String, "detail": p
 
 
 def _reasons(
-    mapping: FlowMapping,
-    state: SyncState,
-    mapped: dict[str, pl.DataFrame],
-    refs: dict[str, pl.DataFrame],
-    links: pl.DataFrame,
+    mapping: FlowMapping, state: SyncState, refs: dict[str, pl.DataFrame], plan: Plan
 ) -> pl.DataFrame:
     """Why records are unlinked, most telling first: ``side, id, reason, detail, rank``."""
-    read_only = ReconcileOptions(mode="read_only")
-    plan = plan_flow(mapping, mapped["a"], mapped["b"], state, read_only, full=True, links=links)
     names = {"a": mapping.a.system, "b": mapping.b.system}
     parts: list[pl.DataFrame] = []
     # ambiguous: two or more candidates, or one candidate that matches others too
@@ -357,9 +351,23 @@ def unlinked_table(mapping: FlowMapping, store: SnapshotStore, state: SyncState)
     with a detail (the failure, what it waits on)."""
     refs = reference_links(state, mapping)
     a, b = map_flow(mapping, store, refs)
-    mapped = {"a": a, "b": b}
     links = state.links(mapping.name, {})
-    reasons = _reasons(mapping, state, mapped, refs, links).unique(
+    read_only = ReconcileOptions(mode="read_only")
+    plan = plan_flow(mapping, a, b, state, read_only, full=True, links=links)
+    return unlinked_records(mapping, state, {"a": a, "b": b}, refs, links, plan)
+
+
+def unlinked_records(
+    mapping: FlowMapping,
+    state: SyncState,
+    mapped: dict[str, pl.DataFrame],
+    refs: dict[str, pl.DataFrame],
+    links: pl.DataFrame,
+    plan: Plan,
+) -> pl.DataFrame:
+    """:func:`unlinked_table` from frames, links and a read-only full plan already at hand
+    (a verification's: at a million records each costs seconds to make again)."""
+    reasons = _reasons(mapping, state, refs, plan).unique(
         ["side", "id"], keep="first", maintain_order=True
     )
     name = display_name(mapping)

@@ -8,7 +8,7 @@ import polars as pl
 
 from crm_assets.engine.checks import CheckOutcome, agreement, flow_checks
 from crm_assets.engine.mapping import FlowMapping
-from crm_assets.engine.reconcile import ReconcileOptions
+from crm_assets.engine.reconcile import Plan, ReconcileOptions
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.sync.planning import (
@@ -30,6 +30,12 @@ class FlowVerification:
     unlinked_a: pl.DataFrame
     unlinked_b: pl.DataFrame
     checks: list[CheckOutcome]
+    #: what the checks were made from, for tables that explain them (``unlinked_records``)
+    mapped: dict[str, pl.DataFrame]
+    references: dict[str, pl.DataFrame]
+    links: pl.DataFrame
+    #: the read-only full plan: what a sync would still do now (its ambiguous matches)
+    plan: Plan
 
 
 def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) -> FlowVerification:
@@ -64,4 +70,8 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
         unlinked_a=agreed.unlinked["a"],
         unlinked_b=agreed.unlinked["b"],
         checks=checks,
+        mapped=mapped,
+        references=refs,
+        links=links,
+        plan=plan,
     )
