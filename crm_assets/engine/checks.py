@@ -37,7 +37,8 @@ def agreement(
     reference_links: Mapping[str, pl.DataFrame] | None = None,
     gone_references: Mapping[str, pl.DataFrame] | None = None,
 ) -> Agreement:
-    """The linked pairs, their disagreements and the unlinked records, in one pass.
+    """The linked pairs, their disagreements and the unlinked records, once for the checks
+    and the step's metadata.
 
     The links join each side on its id, row number and one hash of its mapped values; a
     pair whose two records hash alike holds the same values (a collision would hide a
