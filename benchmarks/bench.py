@@ -113,7 +113,7 @@ def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any
     from crm_assets.engine.storage import Storage
     from crm_assets.sync.files import FlowFiles
     from crm_assets.sync.planning import map_flow, mapped_sides, plan_flow, reference_links
-    from crm_assets.sync.records import unlinked_records
+    from crm_assets.sync.records import verified_unlinked
     from crm_assets.sync.verification import verify_flow
 
     state = generate(size)
@@ -227,14 +227,7 @@ def measure_incremental(size: int, changes: int, workdir: Path) -> dict[str, Any
     verification = verify_flow(mapping, store, db)
     verify_seconds = time.perf_counter() - begun
     begun = time.perf_counter()
-    unlinked_records(
-        mapping,
-        db,
-        verification.mapped,
-        verification.references,
-        verification.links,
-        verification.plan,
-    )
+    verified_unlinked(mapping, db, verification)
     unlinked_seconds = time.perf_counter() - begun
     return {
         "size": size,

@@ -17,7 +17,7 @@ from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.reconcile import FORCE_HINT
 from crm_assets.engine.report import render_qa_report
 from crm_assets.sync import named_counts, verify_flow
-from crm_assets.sync.records import unlinked_records
+from crm_assets.sync.records import verified_unlinked
 from crm_assets.sync.selection import Selection
 from crm_assets.sync.snapshots import read_snapshot
 
@@ -68,14 +68,7 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
                 read_snapshot(client, obj, store, storage.state())
         verification = verify_flow(mapping, store, storage.state())
         storage.flow_files(mapping.name, context.run.run_id).save_unlinked(
-            unlinked_records(
-                mapping,
-                storage.state(),
-                verification.mapped,
-                verification.references,
-                verification.links,
-                verification.plan,
-            )
+            verified_unlinked(mapping, storage.state(), verification)
         )
         outcomes = verification.checks
         storage.flow_dir(mapping.name).write_text(

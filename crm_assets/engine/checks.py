@@ -15,7 +15,7 @@ from crm_assets.engine.document import slug
 from crm_assets.engine.mapping import Column, FlowMapping, convert
 from crm_assets.engine.reconcile import same_value
 from crm_assets.engine.snapshot import DELETED, FIELD_DTYPES
-from crm_assets.engine.state import values_digest
+from crm_assets.engine.state import columns_digest
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,9 @@ def agreement(
     live = links.filter(~pl.col("tombstoned")).select("a_id", "b_id")
 
     def slim(frame: pl.DataFrame, side: str) -> pl.LazyFrame:
-        digest = (
-            values_digest(frame.select(cols))
-            if cols
-            else pl.zeros(frame.height, pl.UInt64, eager=True)
-        )
         return (
             frame.select(pl.col("id").alias(f"{side}_id"), "deleted")
-            .with_columns(digest.alias(f"{side}.h"))
+            .with_columns(columns_digest(frame, cols).alias(f"{side}.h"))
             .with_row_index(f"{side}.row")
             .filter(~pl.col("deleted"))
             .drop("deleted")

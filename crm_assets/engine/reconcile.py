@@ -27,7 +27,7 @@ from datetime import datetime
 import polars as pl
 
 from crm_assets.engine.mapping import FlowMapping, canonical_key
-from crm_assets.engine.state import values_digest
+from crm_assets.engine.state import columns_digest
 
 SIDES = ("a", "b")
 
@@ -162,10 +162,7 @@ def reconcile_flow(
     # about 2^-64 per pair.) With ``bases``, the state's digests stand for the bases, so
     # the base values of pairs that did nothing are never read at all.
     def digest(frame: pl.DataFrame, prefix: str) -> pl.Series:
-        if not cols:  # a flow with no property rows: every record hashes alike
-            return pl.zeros(frame.height, pl.UInt64, eager=True).alias(f"{prefix}.h")
-        values = frame.select([pl.col(f"{prefix}.{c}").alias(c) for c in cols])
-        return values_digest(values).alias(f"{prefix}.h")
+        return columns_digest(frame, [f"{prefix}.{c}" for c in cols]).alias(f"{prefix}.h")
 
     def slim(frame: pl.DataFrame, side: str) -> pl.LazyFrame:
         flags = [f"{side}.deleted", f"{side}.unresolved", f"{side}.error"]

@@ -206,6 +206,14 @@ def values_digest(values: pl.DataFrame) -> pl.Series:
     return values.hash_rows()
 
 
+def columns_digest(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
+    """:func:`values_digest` of these columns of each row (names aside: only values hash);
+    a flow with no property rows hashes every record alike, as zero."""
+    if not columns:
+        return pl.zeros(frame.height, pl.UInt64, eager=True)
+    return values_digest(frame.select(columns))
+
+
 def _read_bases(text: str | bytes, columns: Mapping[str, pl.DataType]) -> pl.DataFrame:
     """Bases as NDJSON lines (``{}`` for none), typed as the flow's canonical columns."""
     return pl.read_ndjson(text.encode() if isinstance(text, str) else text, schema=dict(columns))

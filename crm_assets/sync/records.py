@@ -29,6 +29,7 @@ from crm_assets.engine.reconcile import Plan, ReconcileOptions, other
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import UPDATE_ACTIONS, SyncState, dead_letter_record
 from crm_assets.sync.planning import map_flow, plan_flow, reference_links
+from crm_assets.sync.verification import FlowVerification
 
 SIDES = ("a", "b")
 
@@ -354,7 +355,19 @@ def unlinked_table(mapping: FlowMapping, store: SnapshotStore, state: SyncState)
     links = state.links(mapping.name, {})
     read_only = ReconcileOptions(mode="read_only")
     plan = plan_flow(mapping, a, b, state, read_only, full=True, links=links)
-    return unlinked_records(mapping, state, {"a": a, "b": b}, refs, links, plan)
+    mapped = {"a": a, "b": b}
+    missing = {side: unlinked(mapped[side], links, side) for side in SIDES}
+    return unlinked_records(mapping, state, mapped, refs, missing, plan)
+
+
+def verified_unlinked(
+    mapping: FlowMapping, state: SyncState, verification: FlowVerification
+) -> pl.DataFrame:
+    """:func:`unlinked_table` from what a verification of the flow just read and planned."""
+    missing = {"a": verification.unlinked_a, "b": verification.unlinked_b}
+    return unlinked_records(
+        mapping, state, verification.mapped, verification.references, missing, verification.plan
+    )
 
 
 def unlinked_records(
@@ -362,19 +375,19 @@ def unlinked_records(
     state: SyncState,
     mapped: dict[str, pl.DataFrame],
     refs: dict[str, pl.DataFrame],
-    links: pl.DataFrame,
+    missing: dict[str, pl.DataFrame],
     plan: Plan,
 ) -> pl.DataFrame:
-    """:func:`unlinked_table` from frames, links and a read-only full plan already at hand
-    (a verification's: at a million records each costs seconds to make again)."""
+    """:func:`unlinked_table` from frames, the unlinked ids of each side and a read-only
+    full plan already at hand (a verification's: at a million records each costs seconds
+    to make again)."""
     reasons = _reasons(mapping, state, refs, plan).unique(
         ["side", "id"], keep="first", maintain_order=True
     )
     name = display_name(mapping)
     out = []
     for side in SIDES:
-        missing = unlinked(mapped[side], links, side)
-        records = mapped[side].join(missing, on="id", how="semi")
+        records = mapped[side].join(missing[side], on="id", how="semi")
         out.append(
             records.select(
                 name.alias("name"),

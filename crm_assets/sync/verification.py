@@ -33,7 +33,6 @@ class FlowVerification:
     #: what the checks were made from, for tables that explain them (``unlinked_records``)
     mapped: dict[str, pl.DataFrame]
     references: dict[str, pl.DataFrame]
-    links: pl.DataFrame
     #: the read-only full plan: what a sync would still do now (its ambiguous matches)
     plan: Plan
 
@@ -72,6 +71,5 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
         checks=checks,
         mapped=mapped,
         references=refs,
-        links=links,
         plan=plan,
     )
