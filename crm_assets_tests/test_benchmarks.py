@@ -1,8 +1,10 @@
 """The benchmark suite still runs: its smallest sizes, as CI's smoke check, with the engine's
-plan identical to plain Python's and to DuckDB's."""
+plan identical to plain Python's and to DuckDB's, and incremental plans identical to full ones
+with the state in SQLite and (when CI gives a server) in PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmark_smoke_run_reports_identical_plans(tmp_path):
     out = tmp_path / "SMOKE.md"
+    # with a test server (.ci/run starts one), the incremental plans also run with the state
+    # in PostgreSQL, each checked against a full plan there
+    postgres = os.environ.get("CRM_SYNC_TEST_POSTGRES_URL", "")
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--smoke", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "CRM_SYNC_BENCH_POSTGRES_URL": postgres},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
@@ -30,7 +36,8 @@ def test_benchmark_smoke_run_reports_identical_plans(tmp_path):
     assert "## Engine beside DuckDB" in text
     duckdb_rows = [line for line in text.splitlines() if line.startswith("| 10,000 |")]
     assert len(duckdb_rows) == 2 and all("| yes |" in row for row in duckdb_rows), duckdb_rows
-    assert "## Incremental run" in text
+    assert "## Incremental run" in text and "### The state in SQLite" in text
+    assert ("### The state in PostgreSQL" in text) == bool(postgres)
     assert "## Initial sync over HTTP" in text
 
 

@@ -105,7 +105,7 @@ def test_links_load_exactly_as_saved(
 ) -> None:
     # SQLite reads a flow through its index (share 1: any flow below the chunk) or in
     # passes over rowid ranges of the table (share 0)
-    monkeypatch.setattr(state_module, "SQLITE_LINK_CHUNK", chunk)
+    monkeypatch.setattr(state_module, "LINK_CHUNK", chunk)
     monkeypatch.setattr(state_module, "SQLITE_INDEXED_SHARE", share)
     flow, neighbour = f"flow-{uuid.uuid4().hex}", f"other-{uuid.uuid4().hex}"
     for state in states:
