@@ -173,3 +173,29 @@ def fresh_postgres_database(url: str) -> str:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def test_a_postgres_state_reads_on_after_the_server_closed_its_connections() -> None:
+    """The state keeps its Arrow connections open between queries; when the server has
+    closed them since (a restart, an idle timeout, an administrator), the next read opens a
+    new one instead of failing the run."""
+    server = os.environ.get("CRM_SYNC_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("CRM_SYNC_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    url = fresh_postgres_database(server)
+    state = SyncState(url)
+    state.save_links("flow", [("a1", "b1", {"email": "one@example.com"})], "test", columns=COLUMNS)
+    assert state.links("flow", COLUMNS).get_column("a_id").to_list() == ["a1"]
+    admin = sa.create_engine(url)
+    with admin.connect() as conn:
+        closed = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t"
+            )
+        ).scalar()
+    admin.dispose()
+    assert closed >= 1  # the kept one among them
+    found = state.links("flow", COLUMNS)
+    assert found.get_column("base.email").to_list() == ["one@example.com"]
+    state.dispose()

@@ -12,10 +12,13 @@ through ADBC) and their bases decode as one NDJSON document, in parallel.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -254,18 +257,58 @@ def _link_query(flow: str, with_base: bool) -> sa.Select:
     )
 
 
-def _arrow_connector(url: sa.URL) -> Callable[[], Any] | None:
-    """Opens an ADBC (Arrow) connection to a PostgreSQL state; None for other databases.
+class ArrowConnections:
+    """ADBC (Arrow) connections to a PostgreSQL state, each kept open for the next query:
+    opening one costs about 80 ms (the driver reads the server's type catalogue), and a
+    plan asks several queries. They run in autocommit, so an idle one holds no snapshot.
 
     Not for SQLite: its ADBC driver links a second SQLite library into the process, and
     two SQLite libraries on one file do not see each other's locks (sqlite.org, "How To
     Corrupt"); tried, it failed with "disk I/O error". SQLite has :func:`_sqlite_links`."""
-    if url.get_backend_name() != "postgresql":
-        return None
-    import adbc_driver_postgresql.dbapi as postgresql_adbc
 
-    uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    return lambda: postgresql_adbc.connect(uri)
+    def __init__(self, url: sa.URL) -> None:
+        self._uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _take(self) -> Any | None:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked process: the sockets are its parent's
+                self._idle, self._pid = [], os.getpid()
+            return self._idle.pop() if self._idle else None
+
+    def fetch(self, sql: str, params: Sequence[Any]) -> pl.DataFrame:
+        """The rows of one statement; a kept connection the server has closed since (a
+        restart, an idle timeout) is dropped and the statement asked again on a new one."""
+        import adbc_driver_postgresql.dbapi as postgresql_adbc
+
+        kept = self._take()
+        if kept is not None:
+            try:
+                return self._ask(kept, sql, params)
+            except postgresql_adbc.Error:
+                pass  # that connection is closed; asked again below
+        return self._ask(postgresql_adbc.connect(self._uri, autocommit=True), sql, params)
+
+    def _ask(self, conn: Any, sql: str, params: Sequence[Any]) -> pl.DataFrame:
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql, params)
+                found = pl.DataFrame(cursor.fetch_arrow())
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._idle.append(conn)
+        return found
+
+    def close(self) -> None:
+        """Close the kept connections (a state object's end)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle if self._pid == os.getpid() else ():
+            conn.close()
 
 
 #: How a query is written for the ADBC PostgreSQL driver (numbered placeholders).
@@ -413,7 +456,13 @@ class SyncState:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url)
-        self._arrow = _arrow_connector(self.engine.url)
+        self._arrow = (
+            ArrowConnections(self.engine.url)
+            if self.engine.url.get_backend_name() == "postgresql"
+            else None
+        )
+        if self._arrow is not None:  # closed when the state object goes, if not before
+            weakref.finalize(self, self._arrow.close)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.migrate()
@@ -456,6 +505,8 @@ class SyncState:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._arrow is not None:
+            self._arrow.close()
 
     def _rows_in(self, query: sa.Select, column: sa.Column, values: Sequence[str]) -> list[Any]:
         """The rows of ``query`` whose ``column`` is one of ``values`` (in chunks, which
@@ -558,9 +609,7 @@ class SyncState:
         # values bound, never inlined: the driver's own placeholders ($1, $2, ...)
         compiled = query.compile(dialect=ADBC_DIALECT, compile_kwargs={"render_postcompile": True})
         params = [compiled.params[name] for name in compiled.positiontup or ()]
-        with self._arrow() as conn, conn.cursor() as cursor:
-            cursor.execute(str(compiled), params)
-            found = pl.DataFrame(cursor.fetch_arrow())
+        found = self._arrow.fetch(str(compiled), params)
         if found.width == 0:  # no rows: some drivers give no columns either
             return pl.DataFrame(schema=dict(schema))
         return found.rename(dict(zip(found.columns, schema, strict=True))).cast(dict(schema))
