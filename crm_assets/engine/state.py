@@ -237,24 +237,29 @@ def _stored_bases(
     return [(t, None if t is None else next(found)) for t in texts]
 
 
-#: A link as read: the base is its JSON text, "" when the link has none yet.
+#: A link as read (from PostgreSQL): the base, when asked for, is its JSON text ("{}" when
+#: the link has none yet).
 LINK_SCHEMA: dict[str, pl.DataType] = {
     "a_id": pl.String(),
     "b_id": pl.String(),
-    "tombstoned": pl.Int8(),
-    "base": pl.String(),
+    "tombstoned": pl.Boolean(),
+    "has_base": pl.Boolean(),
     "base_hash": pl.Int64(),
+    "base": pl.String(),
 }
 
 
 def _link_query(flow: str, with_base: bool) -> sa.Select:
-    # without the values, only whether there is a base: "{}" stands for one
-    has = sa.case((links.c.base.is_(None), ""), else_="{}")
-    base = sa.func.coalesce(links.c.base, "") if with_base else has
-    tombstoned = sa.cast(links.c.tombstoned, sa.Integer)
-    return sa.select(links.c.a_id, links.c.b_id, tombstoned, base, links.c.base_hash).where(
-        links.c.flow == flow
-    )
+    """A flow's links as ``LINK_SCHEMA`` (without ``base`` unless ``with_base``)."""
+    has_base = links.c.base.is_not(None)
+    base = [sa.func.coalesce(links.c.base, "{}")] if with_base else []
+    return sa.select(
+        links.c.a_id, links.c.b_id, links.c.tombstoned, has_base, links.c.base_hash, *base
+    ).where(links.c.flow == flow)
+
+
+def _link_schema(with_base: bool) -> dict[str, pl.DataType]:
+    return LINK_SCHEMA if with_base else {k: v for k, v in LINK_SCHEMA.items() if k != "base"}
 
 
 class ArrowConnections:
@@ -420,15 +425,9 @@ def _sqlite_links(
 
 def _split_bases(frame: pl.DataFrame) -> tuple[pl.DataFrame, str]:
     """Links read as rows (``LINK_SCHEMA``) as ``(keys, bases as NDJSON lines)``."""
-    keys = frame.select(
-        "a_id",
-        "b_id",
-        pl.col("tombstoned").cast(pl.Boolean),
-        has_base=pl.col("base") != "",
-        base_hash=pl.col("base_hash"),
-    )
-    bases = frame.select(pl.col("base").replace("", "{}").str.join("\n")).item()
-    return keys, bases or ""
+    if "base" not in frame.columns:
+        return frame, ""
+    return frame.drop("base"), frame.select(pl.col("base").str.join("\n")).item() or ""
 
 
 def _decode_links(
@@ -595,7 +594,8 @@ class SyncState:
             with self.engine.connect() as conn:
                 chunks = _sqlite_links(conn, flow, bool(columns))
         else:
-            chunks = [_split_bases(self.frame(_link_query(flow, bool(columns)), LINK_SCHEMA))]
+            query, schema = _link_query(flow, bool(columns)), _link_schema(bool(columns))
+            chunks = [_split_bases(self.frame(query, schema))]
         return _decode_links(chunks, columns)
 
     def frame(self, query: sa.Select, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
@@ -632,9 +632,9 @@ class SyncState:
                     for chunk in _sqlite_links(conn, flow, bool(columns), (column, ids))
                 ]
         else:
-            query = _link_query(flow, bool(columns))
+            query, schema = _link_query(flow, bool(columns)), _link_schema(bool(columns))
             found = [
-                self.frame(query.where(links.c[column].in_(_json_values(chunk))), LINK_SCHEMA)
+                self.frame(query.where(links.c[column].in_(_json_values(chunk))), schema)
                 for column, ids in asked.items()
                 for chunk in _chunks(ids, LINK_CHUNK)
             ]
