@@ -366,9 +366,12 @@ def _chunks(values: Sequence[str], size: int) -> list[str]:
     ]
 
 
-def _json_values(array: str) -> sa.Select:
-    """The texts of a JSON array (one bound parameter) as rows, in PostgreSQL."""
-    return sa.select(sa.func.json_array_elements_text(sa.cast(sa.literal(array), postgresql.JSON)))
+def _one_of(column: sa.Column, array: str) -> sa.ColumnElement[bool]:
+    """``column`` is one of the texts of a JSON array (one bound parameter), in PostgreSQL:
+    ``= ANY(ARRAY(...))`` walks the index in order (99k of 900k links with their bases:
+    0.8 s, against 1.4 s for ``IN (SELECT ...)``, which it plans as 99k lookups)."""
+    texts = sa.select(sa.func.json_array_elements_text(sa.cast(sa.literal(array), postgresql.JSON)))
+    return column == sa.any_(sa.func.array(texts.scalar_subquery()))
 
 
 #: Statements of one read that SQLite answers at once, each on a connection of its own: it
@@ -663,7 +666,7 @@ class SyncState:
         else:
             query, schema = _link_query(flow, bool(columns)), _link_schema(bool(columns))
             found = [
-                self.frame(query.where(links.c[column].in_(_json_values(chunk))), schema)
+                self.frame(query.where(_one_of(links.c[column], chunk)), schema)
                 for column, ids in asked.items()
                 for chunk in _chunks(ids, LINK_CHUNK)
             ]
