@@ -88,7 +88,7 @@ def _records_setup(flow: str | None) -> tuple[Any, list[Any]]:
     from crm_assets.connectors import UnsupportedFlow
     from crm_assets.engine.document import DocumentError, SelectionError
     from crm_assets.engine.mapping import MappingError
-    from crm_assets.engine.state import SyncState
+    from crm_assets.engine.state import StateUnavailable, SyncState
     from crm_assets.settings import Settings
     from crm_assets.sync.selection import read_selection
 
@@ -109,7 +109,10 @@ def _records_setup(flow: str | None) -> tuple[Any, list[Any]]:
     url = settings.state_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None, mappings  # no sync ran with this configuration: nothing recorded yet
-    return SyncState(url), mappings
+    try:
+        return SyncState(url), mappings
+    except StateUnavailable as exc:  # the exit code of crm_assets.headless.EXIT["state"]
+        raise _CliError(str(exc), 10) from None
 
 
 def _print_table(frame: Any, empty: str) -> None:

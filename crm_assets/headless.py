@@ -169,6 +169,7 @@ KNOWN_ERRORS = {
     "CrmAuthError": "credentials",
     "CrmUnavailable": "unreachable",
     "StorageError": "storage",
+    "StateUnavailable": "state",
 }
 
 
@@ -189,6 +190,7 @@ EXIT = {
     "credentials": 7,
     "unreachable": 8,
     "storage": 9,
+    "state": 10,
 }
 
 

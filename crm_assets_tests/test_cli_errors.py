@@ -145,3 +145,28 @@ def test_a_second_demo_refuses_before_starting_anything(tmp_path: Path):
     line = one_line(result)
     assert f"Custom CRM (CUSTOM_CRM_BASE_URL) on port {port}" in line
     assert not (tmp_path / "services").exists()  # nothing started
+
+
+@pytest.mark.parametrize("command", ["sync", "audit"])
+def test_a_state_database_that_cannot_be_opened_is_one_line_naming_the_setting(
+    sync_world: SyncWorld, command: str
+):
+    """A wrong host, database or password in CRM_SYNC_STATE_URL: one line naming the
+    setting, the URL without its password, and nothing written to either CRM."""
+    url = f"postgresql+psycopg://sync:not-the-password@127.0.0.1:{free_port()}/crm_state"
+    with sync_world.custom_client() as a:
+        a.create("contacts", {"Email": "waiting@example.com"})
+    result = subprocess.run(
+        [sys.executable, "-m", "crm_assets.cli", command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CRM_SYNC_STATE_URL": url},
+        timeout=300,
+    )
+    assert result.returncode == EXIT["state"]
+    line = one_line(result)
+    assert line.startswith("error: cannot open the state database postgresql+psycopg://sync:***@")
+    assert "CRM_SYNC_STATE_URL" in line
+    assert "not-the-password" not in result.stderr + result.stdout
+    with sync_world.office_client() as b:
+        assert [r for page in b.pages("contacts") for r in page] == []  # nothing written

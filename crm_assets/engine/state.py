@@ -482,13 +482,35 @@ def _decode_links(
     return found.with_columns(pl.col("base_hash").reinterpret(signed=False))
 
 
+class StateUnavailable(RuntimeError):
+    """The state database cannot be opened: one line saying why, naming the setting."""
+
+
+#: What fixes a state database that cannot be opened.
+STATE_HINT = "check CRM_SYNC_STATE_URL; unset, the state is state.db in CRM_SYNC_DATA_DIR"
+
+
+def _unavailable(url: str, exc: BaseException) -> StateUnavailable:
+    """The one line for a state database that cannot be opened; never its password (a URL
+    SQLAlchemy cannot parse is not repeated at all)."""
+    if isinstance(exc, sa.exc.ArgumentError):
+        shown, reason = "", "not a database URL SQLAlchemy can open"
+    else:
+        shown = " " + sa.make_url(url).render_as_string(hide_password=True)
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    return StateUnavailable(f"cannot open the state database{shown}: {reason} ({STATE_HINT})")
+
+
 class SyncState:
     """The state of every flow, in one SQL database."""
 
     def __init__(self, url: str) -> None:
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url)
+        try:
+            if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(url)
+        except (OSError, sa.exc.ArgumentError) as exc:
+            raise _unavailable(url, exc) from None
         self._arrow = (
             ArrowConnections(self.engine.url)
             if self.engine.url.get_backend_name() == "postgresql"
@@ -509,9 +531,10 @@ class SyncState:
         for attempt in range(MIGRATE_ATTEMPTS):
             try:
                 return self._migrate()
-            except sa.exc.DBAPIError:
+            except sa.exc.DBAPIError as exc:
                 if attempt == MIGRATE_ATTEMPTS - 1:
-                    raise
+                    url = self.engine.url.render_as_string(hide_password=False)
+                    raise _unavailable(url, exc) from None
                 time.sleep(0.05 * (attempt + 1))
 
     def _migrate(self) -> None:
