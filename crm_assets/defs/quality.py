@@ -62,13 +62,13 @@ def build_verified_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
     )
     def verified(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         storage = context.resources.storage
-        store = storage.verification()
+        store, state = storage.verification(), storage.state()
         for obj in (mapping.a, mapping.b):
             with getattr(context.resources, obj.system_key).client() as client:
-                read_snapshot(client, obj, store, storage.state())
-        verification = verify_flow(mapping, store, storage.state())
+                read_snapshot(client, obj, store, state)
+        verification = verify_flow(mapping, store, state)
         storage.flow_files(mapping.name, context.run.run_id).save_unlinked(
-            verified_unlinked(mapping, storage.state(), verification)
+            verified_unlinked(mapping, state, verification)
         )
         outcomes = verification.checks
         storage.flow_dir(mapping.name).write_text(

@@ -250,17 +250,16 @@ LINK_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def _link_query(flow: str, with_base: bool) -> sa.Select:
-    """A flow's links as ``LINK_SCHEMA`` (without ``base`` unless ``with_base``)."""
+def _link_query(flow: str, with_base: bool) -> tuple[sa.Select, dict[str, pl.DataType]]:
+    """A flow's links and their schema: ``LINK_SCHEMA``, without ``base`` unless
+    ``with_base``."""
     has_base = links.c.base.is_not(None)
     base = [sa.func.coalesce(links.c.base, "{}")] if with_base else []
-    return sa.select(
+    query = sa.select(
         links.c.a_id, links.c.b_id, links.c.tombstoned, has_base, links.c.base_hash, *base
     ).where(links.c.flow == flow)
-
-
-def _link_schema(with_base: bool) -> dict[str, pl.DataType]:
-    return LINK_SCHEMA if with_base else {k: v for k, v in LINK_SCHEMA.items() if k != "base"}
+    schema = LINK_SCHEMA if with_base else {k: v for k, v in LINK_SCHEMA.items() if k != "base"}
+    return query, schema
 
 
 class ArrowConnections:
@@ -650,8 +649,7 @@ class SyncState:
         if self.engine.dialect.name == "sqlite":
             chunks = _sqlite_links(self.engine, flow, bool(columns))
         else:
-            query, schema = _link_query(flow, bool(columns)), _link_schema(bool(columns))
-            chunks = [_split_bases(self.frame(query, schema))]
+            chunks = [_split_bases(self.frame(*_link_query(flow, bool(columns))))]
         return _decode_links(chunks, columns)
 
     def frame(self, query: sa.Select, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
@@ -687,7 +685,7 @@ class SyncState:
                 for chunk in _sqlite_links(self.engine, flow, bool(columns), (column, ids))
             ]
         else:
-            query, schema = _link_query(flow, bool(columns)), _link_schema(bool(columns))
+            query, schema = _link_query(flow, bool(columns))
             found = [
                 self.frame(query.where(_one_of(links.c[column], chunk)), schema)
                 for column, ids in asked.items()

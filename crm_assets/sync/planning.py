@@ -245,6 +245,15 @@ def plan_flow(
     return plan
 
 
+def read_only_plan(
+    mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, state: SyncState, links: pl.DataFrame
+) -> Plan:
+    """What a sync would still do now, writing nothing: a full plan over ``links`` (the
+    verification's ambiguous matches, the unlinked records' reasons)."""
+    read_only = ReconcileOptions(mode="read_only")
+    return plan_flow(mapping, a, b, state, read_only, full=True, links=links)
+
+
 def named_counts(plan: Plan | Mapping[str, Any], mapping: FlowMapping) -> dict[str, int]:
     """A plan's counts (or counts as a plan file keeps them) as an operator reads them: per
     CRM by name, never by side letter (``creates_in_crm_office``, ``updates_in_custom_crm``)."""

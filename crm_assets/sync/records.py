@@ -25,10 +25,10 @@ import polars as pl
 
 from crm_assets.engine.checks import unlinked
 from crm_assets.engine.mapping import FlowMapping, to_side
-from crm_assets.engine.reconcile import Plan, ReconcileOptions, other
+from crm_assets.engine.reconcile import Plan, other
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import UPDATE_ACTIONS, SyncState, dead_letter_record
-from crm_assets.sync.planning import map_flow, plan_flow, reference_links
+from crm_assets.sync.planning import map_flow, read_only_plan, reference_links
 from crm_assets.sync.verification import FlowVerification
 
 SIDES = ("a", "b")
@@ -353,8 +353,7 @@ def unlinked_table(mapping: FlowMapping, store: SnapshotStore, state: SyncState)
     refs = reference_links(state, mapping)
     a, b = map_flow(mapping, store, refs)
     links = state.links(mapping.name, {})
-    read_only = ReconcileOptions(mode="read_only")
-    plan = plan_flow(mapping, a, b, state, read_only, full=True, links=links)
+    plan = read_only_plan(mapping, a, b, state, links)
     mapped = {"a": a, "b": b}
     missing = {side: unlinked(mapped[side], links, side) for side in SIDES}
     return unlinked_records(mapping, state, mapped, refs, missing, plan)

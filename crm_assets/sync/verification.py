@@ -8,13 +8,13 @@ import polars as pl
 
 from crm_assets.engine.checks import CheckOutcome, agreement, flow_checks
 from crm_assets.engine.mapping import FlowMapping
-from crm_assets.engine.reconcile import Plan, ReconcileOptions
+from crm_assets.engine.reconcile import Plan
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.sync.planning import (
     gone_references,
     map_flow,
-    plan_flow,
+    read_only_plan,
     reference_links,
     snapshot_of,
 )
@@ -49,8 +49,7 @@ def verify_flow(mapping: FlowMapping, store: SnapshotStore, state: SyncState) ->
     a, b = map_flow(mapping, store, refs)
     mapped = {"a": a, "b": b}
     links = state.links(mapping.name, {})  # the checks read pairs, not base values
-    read_only = ReconcileOptions(mode="read_only")
-    plan = plan_flow(mapping, a, b, state, read_only, full=True, links=links)
+    plan = read_only_plan(mapping, a, b, state, links)
     agreed = agreement(mapping, mapped, links, refs, gone)
     checks = flow_checks(
         mapping,
