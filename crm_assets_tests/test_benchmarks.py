@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmark_smoke_run_reports_identical_plans(tmp_path):
     out = tmp_path / "SMOKE.md"
+    out.write_text("## An earlier run\n\nits notes\n")  # kept below this run's part
     # with a test server (.ci/run starts one), the incremental plans also run with the state
     # in PostgreSQL, each checked against a full plan there
     postgres = os.environ.get("CRM_SYNC_TEST_POSTGRES_URL", "")
@@ -39,6 +40,40 @@ def test_benchmark_smoke_run_reports_identical_plans(tmp_path):
     assert "## Incremental run" in text and "### The state in SQLite" in text
     assert ("### The state in PostgreSQL" in text) == bool(postgres)
     assert "## Initial sync over HTTP" in text
+    # the smoke sizes are far below the targets': none is scored, and none is called met
+    assert "No target applies at these sizes" in text and "targets met" not in text
+    assert text.rstrip().endswith("## An earlier run\n\nits notes")
+
+
+def test_a_benchmark_run_replaces_the_last_one_and_keeps_the_earlier_measurements():
+    """`make bench` writes its part of RESULTS.md between two markers: the notes and figures of
+    earlier sessions, above and below, survive it (it used to write the whole file)."""
+    from benchmarks.bench import LATEST_BEGIN, LATEST_END, Scorecard, place_latest
+
+    card = Scorecard()
+    card.add("full plan", "<= 3 s", "2.50 s", True)
+    card.add("three steps", "<= 0.5 s", "0.53 s", False)
+    card.add("at a smoke size", "<= 0.5 s", "9 s", False, applies=False)
+    first = "\n".join(["## The latest run", *card.lines()])
+    assert "1 of 2 targets met, 1 **missed**:" in first
+    assert "| three steps | <= 0.5 s | 0.53 s | **missed** |" in first
+    assert "smoke size" not in first
+
+    history = "# Benchmark results\n\nintro\n\n## Earlier\n\nmeasured on 2026-11-30\n"
+    once = place_latest(history, first)
+    assert once.startswith(LATEST_BEGIN) and once.endswith(history)
+    twice = place_latest(once, "## The latest run\n\nthe second")
+    assert "the second" in twice and "1 of 2 targets met" not in twice
+    assert twice.count(LATEST_BEGIN) == twice.count(LATEST_END) == 1
+    assert twice.endswith(history)
+    # a file laid out by hand keeps its order: the run's part stays where it was put
+    laid_out = f"# Benchmark results\n\nintro\n\n{LATEST_BEGIN}\nold\n{LATEST_END}\n\n## Earlier\n"
+    again = place_latest(laid_out, "new")
+    assert (
+        again
+        == f"# Benchmark results\n\nintro\n\n{LATEST_BEGIN}\nnew\n{LATEST_END}\n\n## Earlier\n"
+    )
+    assert place_latest("", "new") == f"{LATEST_BEGIN}\nnew\n{LATEST_END}\n"
 
 
 @pytest.mark.parametrize(
