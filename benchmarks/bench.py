@@ -628,6 +628,22 @@ def http_lines(result: dict[str, Any], card: Scorecard) -> list[str]:
     ]
 
 
+def shown_command(args: list[str]) -> str:
+    """The command as RESULTS.md shows it: a database URL's password hidden (``--postgres``
+    may carry one, and the file is committed)."""
+    import sqlalchemy as sa
+
+    def shown(arg: str) -> str:
+        if "://" not in arg:
+            return arg
+        try:
+            return sa.make_url(arg).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            return "<a URL>"
+
+    return " ".join(["python -m benchmarks.bench", *map(shown, args)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="smallest sizes only (CI)")
@@ -655,7 +671,7 @@ def main() -> None:
             result = measure_http(**kwargs)
         print(json.dumps(result))
         return
-    command = "python -m benchmarks.bench " + " ".join(sys.argv[1:])
+    command = shown_command(sys.argv[1:])
     if args.smoke:
         out = (
             args.out

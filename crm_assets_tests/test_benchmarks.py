@@ -153,3 +153,17 @@ def test_duckdb_plan_equals_the_engine_beyond_the_synthetic_data(options):
         assert (engine.blocked, engine.read_only) == (duck.blocked, duck.read_only)
         assert min(engine.counts["conflicts"], engine.counts["deferred"]) > 0
     assert engine.copies.height  # with no link, some creates have a copy already
+
+
+def test_the_command_a_run_reports_never_shows_a_database_password():
+    from benchmarks.bench import shown_command
+
+    shown = shown_command(
+        ["--postgres", "postgresql+psycopg://bench:s3cret@db:5432/x", "--no-http"]
+    )
+    assert "s3cret" not in shown
+    assert (
+        shown
+        == "python -m benchmarks.bench --postgres postgresql+psycopg://bench:***@db:5432/x --no-http"
+    )
+    assert "s3cret" not in shown_command(["--postgres=postgresql://bench:s3cret@db/x"])
