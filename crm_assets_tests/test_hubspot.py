@@ -247,13 +247,12 @@ def test_search_reads_past_the_10000_result_cap_from_the_last_time_seen(hubspot:
 
 
 def test_a_page_all_at_one_millisecond_is_read_by_id(tmp_path: Path):
-    """Seeded directly (the API never gives two writes one time): 450 contacts stamped in one
-    millisecond, read through the client by an in-process app."""
-    from fastapi.testclient import TestClient
-
+    """Seeded directly into the service's database (the API never gives two writes one time):
+    450 contacts stamped in one millisecond, read through the client from the service."""
     from crm_assets.embedded.service import create_app
 
-    app = create_app("hubspot", tmp_path, api_key="t")
+    data_dir = tmp_path / "hubspot"
+    app = create_app("hubspot", data_dir, api_key="seeding")
     stamp = "2024-05-01T10:00:00.123Z"
     docs = [
         {
@@ -268,9 +267,12 @@ def test_a_page_all_at_one_millisecond_is_read_by_id(tmp_path: Path):
     ]
     late = {**docs[0], "id": "100009999", "updatedAt": "2024-05-01T10:00:01.000Z"}
     server.seed(app.state.store, {"contacts": [*docs, late]})
-    client = HubSpotClient("http://testserver", "t", retry=FAST)
-    client._http = TestClient(app, headers={"Authorization": "Bearer t"})
-    found = rows(client, "contacts", datetime(2024, 5, 1, tzinfo=UTC))
+    app.state.store.close()
+    service = start_hubspot(data_dir)  # the real service over the seeded database
+    try:
+        found = rows(service.client(), "contacts", datetime(2024, 5, 1, tzinfo=UTC))
+    finally:
+        service.stop()
     assert sorted(r["id"] for r in found) == sorted(d["id"] for d in [*docs, late])
 
 
