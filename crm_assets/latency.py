@@ -4,7 +4,10 @@ With ``make demo`` running, this makes N edits each way through the CRMs' own HT
 APIs, alternating which CRM is edited. Each edit gives an already-linked contact (same
 e-mail in both CRMs) a new, unique title; the other CRM is then read every 0.25 s
 until the new title shows. One edit at a time: the next starts once the previous
-one is visible (or timed out).
+one is visible (or timed out), after a pause drawn at random from zero to the sensors'
+interval (``--spread``), so that edits fall at any point of the sensors' cycle, as users'
+edits do. Without it, each edit would follow the last one's run by the same time, and all
+would meet the cycle at the same point: every edit the same few seconds early or late.
 
 It prints every measurement, the median, the 95th percentile and the misses,
 says honestly whether the targets of DESIGN.md section 7 (median <= 10 s, p95 <= 20 s,
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import secrets
 import sys
 import time
@@ -214,19 +218,22 @@ def render_markdown(
     started: datetime,
     warmups: list[Measurement],
     load_before: tuple[float, float, float],
+    spread: float = 0.0,
 ) -> str:
     lines = [
         "# Edit-to-visible latency",
         "",
         f"Measured {started:%Y-%m-%d %H:%M:%S} UTC with `python -m crm_assets.latency "
-        f"--edits {len(measurements) // 2} --timeout {timeout:g}` against "
+        f"--edits {len(measurements) // 2} --timeout {timeout:g} --spread {spread:g}` against "
         f"{CUSTOM} at {env('CUSTOM_CRM_BASE_URL')} and {OFFICE} at {env('CRM_OFFICE_BASE_URL')}, "
         f"on {os.cpu_count()} cores; load average (1, 5, 15 min) {_load(load_before)} before, "
         f"{_load(os.getloadavg())} after.",
         "",
         "Each edit gives a linked contact a new title through one CRM's API; the time is from "
         "sending the edit until the other CRM answers a GET of the contact with the new title "
-        f"(read every {POLL_INTERVAL:g} s). Edits alternate between the CRMs, one at a time.",
+        f"(read every {POLL_INTERVAL:g} s). Edits alternate between the CRMs, one at a time, "
+        f"each after a random pause of 0 to {spread:g} s (edits at any point of the sensors' "
+        "cycle).",
         "",
         "| | result | target |",
         "|---|---|---|",
@@ -284,6 +291,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds to wait for one edit to show before counting it a miss (default 90)",
     )
     parser.add_argument(
+        "--spread",
+        type=float,
+        default=None,
+        help="the longest pause before an edit, drawn at random from zero up (default: the "
+        "sensors' interval, CRM_SYNC_SENSOR_INTERVAL or 5 s; 0 edits as soon as the last "
+        "edit showed)",
+    )
+    parser.add_argument(
         "--warmup-timeout",
         type=float,
         default=300.0,
@@ -293,6 +308,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.edits < 1:
         parser.error("--edits must be at least 1")
+    if args.spread is None:
+        args.spread = float(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 5)
+    if args.spread < 0:
+        parser.error("--spread cannot be negative")
     return args
 
 
@@ -312,14 +331,26 @@ def warm_up(crms: Crms, pair: Pair, run: str, timeout: float) -> list[Measuremen
     return warmups
 
 
+def edit_pauses(count: int, spread: float, seed: str) -> list[float]:
+    """The pause before each edit: uniform in ``[0, spread)``, the same for the same seed."""
+    draw = random.Random(seed)
+    return [draw.uniform(0, spread) if spread > 0 else 0.0 for _ in range(count)]
+
+
 def measure(
-    crms: Crms, pool: list[Pair], edits: int, run: str, timeout: float
+    crms: Crms,
+    pool: list[Pair],
+    edits: int,
+    run: str,
+    timeout: float,
+    spread: float = 0.0,
 ) -> list[Measurement]:
     """``edits`` edits each way, alternating the edited CRM, each on the next contact of
-    ``pool``."""
+    ``pool``, each after a pause of :func:`edit_pauses`."""
     measurements = []
     total = 2 * edits
-    for i in range(1, total + 1):
+    for i, pause in enumerate(edit_pauses(total, spread, run), start=1):
+        time.sleep(pause)
         edited = CUSTOM if i % 2 else OFFICE
         pair = pool[(i - 1) % len(pool)]
         value = f"Latency probe {run}-{i:03d}"
@@ -361,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         except (CrmError, RuntimeError) as exc:
             print(f"cannot measure (is the demo running? make demo): {exc}", file=sys.stderr)
             return 2
-        measurements = measure(crms, pool, args.edits, run, args.timeout)
+        measurements = measure(crms, pool, args.edits, run, args.timeout, args.spread)
 
     summary = summarize(measurements)
     print(f"median:          {fmt(summary.median, args.timeout)} (target <= {TARGET_MEDIAN:.0f} s)")
@@ -370,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     print(verdict(summary))
     reports = settings.data().child("reports")
     reports.write_text(
-        render_markdown(measurements, summary, args.timeout, started, warmups, load_before),
+        render_markdown(
+            measurements, summary, args.timeout, started, warmups, load_before, args.spread
+        ),
         "latency.md",
     )
     print(f"report: {reports.uri('latency.md')}")
