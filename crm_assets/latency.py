@@ -34,7 +34,7 @@ from crm_assets.connectors import CRM_OFFICE, CUSTOM_CRM
 from crm_assets.crm_office.client import CrmOfficeClient
 from crm_assets.custom_crm.client import CustomCrmClient
 from crm_assets.http import CrmError
-from crm_assets.settings import Settings, env
+from crm_assets.settings import Settings, env, sensor_interval
 
 #: The targets of DESIGN.md section 7, in seconds.
 TARGET_MEDIAN = 10.0
@@ -218,7 +218,7 @@ def render_markdown(
     started: datetime,
     warmups: list[Measurement],
     load_before: tuple[float, float, float],
-    spread: float = 0.0,
+    spread: float,
 ) -> str:
     lines = [
         "# Edit-to-visible latency",
@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.edits < 1:
         parser.error("--edits must be at least 1")
     if args.spread is None:
-        args.spread = float(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 5)
+        args.spread = float(sensor_interval())
     if args.spread < 0:
         parser.error("--spread cannot be negative")
     return args
@@ -343,7 +343,7 @@ def measure(
     edits: int,
     run: str,
     timeout: float,
-    spread: float = 0.0,
+    spread: float,
 ) -> list[Measurement]:
     """``edits`` edits each way, alternating the edited CRM, each on the next contact of
     ``pool``, each after a pause of :func:`edit_pauses`."""

@@ -39,6 +39,13 @@ def env(name: str) -> str:
     return os.environ.get(name) or DEFAULTS[name]
 
 
+def sensor_interval() -> int:
+    """Seconds between sensor ticks (``CRM_SYNC_SENSOR_INTERVAL``, default 5): an edit waits
+    half of it on average before its run is queued. Dagster's sensor daemon ticks at most
+    every 5 s, so a smaller value changes nothing (measured: benchmarks/RESULTS.md)."""
+    return int(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 5)
+
+
 def packaged_spec_path() -> Path:
     """The project's own dataflow document, with the property tables filled in."""
     return Path(str(resources.files("crm_assets") / "specs" / "customcrm-crmoffice.rst"))

@@ -1,6 +1,5 @@
 """Sensors that start the affected flows when a CRM changes, and the nightly full rescan."""
 
-import os
 from datetime import datetime
 from typing import Any
 
@@ -19,16 +18,10 @@ from crm_assets.engine.incremental import last_mark
 from crm_assets.engine.mapping import FlowMapping
 from crm_assets.engine.objects import SourceObject
 from crm_assets.http import CrmAuthError, CrmError, RetryPolicy
+from crm_assets.settings import sensor_interval
 
 #: A sensor tick must answer fast: an unreachable CRM skips the tick instead of hanging.
 SENSOR_RETRY = RetryPolicy(attempts=2, initial=0.2, maximum=1.0, deadline=10)
-
-
-def sensor_interval() -> int:
-    """Seconds between sensor ticks (``CRM_SYNC_SENSOR_INTERVAL``, default 5): an edit waits
-    half of it on average before its run is queued. Dagster's sensor daemon ticks at most
-    every 5 s, so a smaller value changes nothing (measured: benchmarks/RESULTS.md)."""
-    return int(os.environ.get("CRM_SYNC_SENSOR_INTERVAL") or 5)
 
 
 def build_change_sensor(
