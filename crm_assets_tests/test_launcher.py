@@ -2,6 +2,7 @@
 would, starts in well under the seconds a new interpreter takes, and stops when the
 operator terminates it."""
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.launcher import LaunchRunContext
 
-from crm_assets.defs.launcher import PID_TAG, WarmRunLauncher
+from crm_assets.defs.launcher import PID_TAG, PRELOAD, WarmRunLauncher
 from crm_assets.engine.lease import FlowLease, LeaseHeld, hold, lease_info
 from crm_assets.engine.state import SyncState
 
@@ -20,8 +21,12 @@ FLOW = "contact_to_contacts"
 
 @dg.op
 def touch(context: dg.OpExecutionContext) -> None:
-    """Leave a file saying the run ran (in the folder the run's tags name)."""
-    Path(context.run.tags["folder"], "ran").write_text(context.run.run_id)
+    """Leave a file saying the run ran (in the folder the run's tags name), and which of
+    the modules the launcher preloads its process started with (this job imports none of
+    the project's definitions or httpx itself)."""
+    folder = Path(context.run.tags["folder"])
+    folder.joinpath("ran").write_text(context.run.run_id)
+    folder.joinpath("loaded").write_text(" ".join(m for m in PRELOAD if m in sys.modules))
 
 
 @dg.op
@@ -93,20 +98,18 @@ def failure_of(instance: dg.DagsterInstance, run_id: str) -> str:
     )
 
 
-def test_a_warm_run_succeeds_and_the_next_starts_fast(
+def test_each_run_starts_in_a_process_with_dagster_and_the_project_loaded(
     instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
-    started = time.monotonic()
-    first = finished(instance, launch(instance, touch_job, folder=str(tmp_path)))
-    cold = time.monotonic() - started  # the fork server starts: Dagster and the project load
-    assert first.status == dg.DagsterRunStatus.SUCCESS, failure_of(instance, first.run_id)
-    assert (tmp_path / "ran").read_text() == first.run_id
-    assert first.tags[PID_TAG].isdigit()
-    started = time.monotonic()
-    second = finished(instance, launch(instance, touch_job, folder=str(tmp_path)))
-    warm = time.monotonic() - started
-    assert second.status == dg.DagsterRunStatus.SUCCESS, failure_of(instance, second.run_id)
-    assert warm < cold / 2, f"a warm run took {warm:.2f} s, the first {cold:.2f} s"
+    """What makes a warm run fast, asserted as such (a time measured under the suite's
+    load is not): each run's process holds the modules a new interpreter spends seconds
+    importing, before the run imports anything."""
+    for _ in range(2):  # the first starts the fork server, the next reuses it
+        run = finished(instance, launch(instance, touch_job, folder=str(tmp_path)))
+        assert run.status == dg.DagsterRunStatus.SUCCESS, failure_of(instance, run.run_id)
+        assert (tmp_path / "ran").read_text() == run.run_id
+        assert run.tags[PID_TAG].isdigit()
+        assert (tmp_path / "loaded").read_text().split() == PRELOAD
 
 
 def test_terminate_stops_a_warm_run(instance: dg.DagsterInstance) -> None:

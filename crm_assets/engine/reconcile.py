@@ -151,6 +151,7 @@ def reconcile_flow(
     base_dtypes = {c.name: links.schema.get(f"base.{c.name}", c.dtype) for c in mapping.columns}
     held = whole.held if whole else {"a": live_count(a), "b": live_count(b)}
     scoped = a.height + b.height
+    a, b = a.rechunk(), b.rechunk()
     a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
     b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
 
@@ -636,11 +637,11 @@ def _creates(frame: pl.LazyFrame, from_side: str, cols: list[str]) -> pl.LazyFra
 
 def plan_counts(plan: Plan) -> dict[str, int]:
     """The numbers an operator reads first."""
-    p = plan.pairs
+    # summed, not filtered: a filter copies every column of the matching pairs to count them
+    flags = {"links_new": "new_link", "updates_a": "write_a", "updates_b": "write_b"}
+    sums = plan.pairs.select(pl.col(c).sum().alias(name) for name, c in flags.items())
     return {
-        "links_new": p.filter(pl.col("new_link")).height,
-        "updates_a": p.filter(pl.col("write_a")).height,
-        "updates_b": p.filter(pl.col("write_b")).height,
+        **{name: int(n or 0) for name, n in sums.row(0, named=True).items()},
         "creates_a": plan.creates["a"].height,
         "creates_b": plan.creates["b"].height,
         "conflicts": plan.conflicts.height,
