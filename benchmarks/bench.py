@@ -324,7 +324,9 @@ READING = [
     " as polars frames.",
     "- Incremental table: the full run reads every link with its base's digest and the base values"
     " of the pairs that changed only; the incremental run reads only the links its changes touch,"
-    " and most of its time is membership tests over the million-row mapped frames.",
+    " and takes a few rows at a time out of the million-row mapped frames (5 to 8 ms a pass, through"
+    " the lazy engine). The three steps' remaining time is parquet reads of million-row frames:"
+    " both kept mapped frames whole, and the rows of a few ids in each snapshot.",
     "- HTTP: calls are paced under the rate limit; Custom CRM has no batch endpoint, so its writes"
     " are one call each; CRMOffice writes go in batches of 100.",
 ]
