@@ -102,8 +102,8 @@ def test_each_run_starts_in_a_process_with_dagster_and_the_project_loaded(
     instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """What makes a warm run fast, asserted as such (a time measured under the suite's
-    load is not): each run's process holds the modules a new interpreter spends seconds
-    importing, before the run imports anything."""
+    load is not): each run's process already holds the modules a new interpreter spends
+    seconds importing, which a new interpreter running this job would not."""
     for _ in range(2):  # the first starts the fork server, the next reuses it
         run = finished(instance, launch(instance, touch_job, folder=str(tmp_path)))
         assert run.status == dg.DagsterRunStatus.SUCCESS, failure_of(instance, run.run_id)
