@@ -334,7 +334,7 @@ def warm_up(crms: Crms, pair: Pair, run: str, timeout: float) -> list[Measuremen
 def edit_pauses(count: int, spread: float, seed: str) -> list[float]:
     """The pause before each edit: uniform in ``[0, spread)``, the same for the same seed."""
     draw = random.Random(seed)
-    return [draw.uniform(0, spread) if spread > 0 else 0.0 for _ in range(count)]
+    return [draw.uniform(0, spread) for _ in range(count)]
 
 
 def measure(

@@ -586,7 +586,7 @@ class SyncState:
                 .select_from(sa.table("pg_class"))
                 .where(sa.column("oid") == sa.cast(links.name, postgresql.REGCLASS))
             ).scalar()
-            if known is not None and 0 <= 10 * self._unanalyzed <= known:
+            if known is not None and 10 * self._unanalyzed <= known:  # -1: never analyzed
                 return  # autovacuum will see to a change this small next to the table
             conn.execute(sa.text(f"ANALYZE {links.name}, {intents.name}, {audit.name}"))
         self._unanalyzed = 0
