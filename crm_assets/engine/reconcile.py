@@ -401,7 +401,7 @@ def reconcile_flow(
     # -- three-way merge ---------------------------------------------------------------------------
     keys = mapping.key_columns
     merge = _merge_exprs(cols, options.priority, keys, options.clock_offsets)
-    pairs = pairs.with_columns(merge).collect().lazy()
+    pairs = pairs.with_columns(merge).with_columns(_final_exprs(cols)).collect().lazy()
     conflicts = pl.concat(
         [
             pairs.filter(pl.col(f"conflict.{c}")).select(
@@ -410,7 +410,7 @@ def reconcile_flow(
                 pl.lit(c).alias("field"),
                 pl.col(f"a.{c}").cast(pl.String).alias("a_value"),
                 pl.col(f"b.{c}").cast(pl.String).alias("b_value"),
-                pl.when(pl.col(f"final.{c}").eq_missing(pl.col(f"a.{c}")))
+                pl.when(pl.col(f"take_a.{c}"))
                 .then(pl.lit("a"))
                 .otherwise(pl.lit("b"))
                 .alias("winner"),
@@ -426,9 +426,10 @@ def reconcile_flow(
             ).lazy()
         ]
     )
+    # a side is written where the other side's value was taken and differs from its own
     differs = {
         side: pl.any_horizontal(
-            [~same_value(c, keys)(pl.col(f"final.{c}"), pl.col(f"{side}.{c}")) for c in cols]
+            [(pl.col(f"take_a.{c}") == (side == "b")) & ~pl.col(f"same.{c}") for c in cols]
         )
         if cols
         else pl.lit(False)
@@ -616,48 +617,54 @@ def corrected(side: str, offsets: tuple[float, float]) -> pl.Expr:
 def _merge_exprs(
     cols: list[str], priority: str, keys: frozenset[str], offsets: tuple[float, float]
 ) -> list[pl.Expr]:
-    """Per column: the merged value and whether both sides changed it differently."""
+    """Per column: whether the merged value is side a's (``take_a.``, else side b's), the
+    merged value (``final.``), whether both sides changed it differently (``conflict.``)
+    and whether the sides already agree (``same.``).
+
+    The merge always picks one side's value, so it is decided on booleans and the values
+    are chosen once per column (a chain of choices between string columns took 3 times
+    longer at a million pairs)."""
     a_time, b_time = corrected("a", offsets), corrected("b", offsets)
-    a_newer = a_time > b_time
-    b_newer = b_time > a_time
+    # when both changed: the newer wins, a tie goes to the priority side
+    a_by_time = (a_time > b_time).fill_null(False)  # a time not known decides nothing
+    if priority == "a":
+        a_by_time = a_by_time | ~(b_time > a_time).fill_null(False)
     exprs = []
     for c in cols:
         a, b, base = pl.col(f"a.{c}"), pl.col(f"b.{c}"), pl.col(f"base.{c}")
         same = same_value(c, keys)
-        prio = a if priority == "a" else b
-        by_time = pl.when(a_newer).then(a).when(b_newer).then(b).otherwise(prio)
+        agree = same(a, b)
         a_changed = ~same(a, base)
         b_changed = ~same(b, base)
-        with_base = (
-            pl.when(~a_changed)
-            .then(b)
-            .when(~b_changed)
-            .then(a)
-            .when(same(a, b))
-            .then(a)
-            .otherwise(by_time)
-        )
-        first_link = (
-            pl.when(same(a, b))
-            .then(a)
-            .when(a.is_null())
-            .then(b)
-            .when(b.is_null())
-            .then(a)
-            .otherwise(by_time)
-        )
-        exprs.append(
-            pl.when(pl.col("has_base")).then(with_base).otherwise(first_link).alias(f"final.{c}")
-        )
-        conflict_with_base = a_changed & b_changed & ~same(a, b)
-        conflict_first = a.is_not_null() & b.is_not_null() & ~same(a, b)
-        exprs.append(
+        # with a base: the side that changed wins, and the newer of two that changed; on a
+        # first link (no base): filled beats empty, then the newer
+        take_a = (
             pl.when(pl.col("has_base"))
-            .then(conflict_with_base)
-            .otherwise(conflict_first)
-            .alias(f"conflict.{c}")
+            .then(a_changed & (~b_changed | agree | a_by_time))
+            .otherwise(agree | (a.is_not_null() & (b.is_null() | a_by_time)))
         )
+        conflict = ~agree & (
+            pl.when(pl.col("has_base"))
+            .then(a_changed & b_changed)
+            .otherwise(a.is_not_null() & b.is_not_null())
+        )
+        exprs += [
+            take_a.alias(f"take_a.{c}"),
+            agree.alias(f"same.{c}"),
+            conflict.alias(f"conflict.{c}"),
+        ]
     return exprs
+
+
+def _final_exprs(cols: list[str]) -> list[pl.Expr]:
+    """Each column's merged value: side a's or side b's, as ``take_a.`` says."""
+    return [
+        pl.when(pl.col(f"take_a.{c}"))
+        .then(pl.col(f"a.{c}"))
+        .otherwise(pl.col(f"b.{c}"))
+        .alias(f"final.{c}")
+        for c in cols
+    ]
 
 
 def _creates(frame: pl.LazyFrame, from_side: str, cols: list[str]) -> pl.LazyFrame:
