@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.synthetic import contact_mapping, generate
-from crm_assets.engine.checks import agreement
+from crm_assets.engine.checks import agreement, flow_checks, unlinked
 from crm_assets.engine.mapping import map_side
 from crm_assets.engine.reconcile import same_value
 from crm_assets.engine.snapshot import DELETED
@@ -86,6 +86,41 @@ def test_agreement_reports_exactly_the_pairs_that_differ(changes: list[tuple[str
         for a, b, field in found.disagreements.select("a_id", "b_id", "field").iter_rows()
     } | {("linked", found.linked, "")}
     assert reported == every_pair_compared(mapped, links)
+    for side in "ab":  # live records no live link reaches, as sets of ids say it
+        live_links = set(links.filter(~pl.col("tombstoned")).get_column(f"{side}_id"))
+        live = mapped[side].filter(~pl.col("deleted")).get_column("id")
+        expected = set(live) - live_links
+        assert set(found.unlinked[side].get_column("id")) == expected
+        assert set(unlinked(mapped[side], links, side).get_column("id")) == expected
     assert not any(change.startswith("key") for _, _, change in changes) or all(
         field != "email" for _, _, field in reported
     )
+
+
+def test_an_id_linked_twice_fails_the_one_to_one_check_and_a_tombstoned_twin_does_not():
+    mapped = {
+        side: map_side(frame, MAPPING, side, REFS)
+        for side, frame in (("a", WORLD.a), ("b", WORLD.b))
+    }
+    twin = WORLD.links.slice(0, 1).with_columns(pl.lit("B-twin").alias("b_id"))
+    buried = WORLD.links.slice(1, 1).with_columns(
+        pl.lit("A-buried").alias("a_id"), pl.lit(True).alias("tombstoned")
+    )
+    links = pl.concat([WORLD.links, twin, buried])
+    checks = flow_checks(
+        MAPPING,
+        mapped,
+        {"a": WORLD.a, "b": WORLD.b},
+        links,
+        pl.DataFrame(schema={"side": pl.String, "id": pl.String, "candidates": pl.Int64}),
+        pl.DataFrame(
+            schema=dict.fromkeys(["side", "record_id", "action", "message"], pl.String)
+            | {"attempts": pl.Int64}
+        ),
+        agreement(MAPPING, mapped, links),
+    )
+    one_to_one = next(c for c in checks if c.name == "links_one_to_one")
+    assert not one_to_one.passed
+    assert one_to_one.counts == {"links": LINKED + 1, "linked_twice": 1}
+    assert one_to_one.sample is not None
+    assert one_to_one.sample.rows() == [(twin.item(0, "a_id"), "a_id")]

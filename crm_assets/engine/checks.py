@@ -13,7 +13,7 @@ import polars as pl
 
 from crm_assets.engine.document import slug
 from crm_assets.engine.mapping import Column, FlowMapping, convert
-from crm_assets.engine.reconcile import same_value
+from crm_assets.engine.reconcile import left_join_on_ids, same_value, take_rows
 from crm_assets.engine.snapshot import DELETED, FIELD_DTYPES
 from crm_assets.engine.state import columns_digest
 
@@ -53,26 +53,24 @@ def agreement(
     cols = mapping.names
     live = links.filter(~pl.col("tombstoned")).select("a_id", "b_id")
 
-    def slim(frame: pl.DataFrame, side: str) -> pl.LazyFrame:
+    def slim(frame: pl.DataFrame, side: str) -> pl.DataFrame:
         return (
-            frame.select(pl.col("id").alias(f"{side}_id"), "deleted")
+            frame.select(pl.col("id").alias(f"{side}_id"), pl.col("deleted").alias(f"{side}.gone"))
             .with_columns(columns_digest(frame, cols).alias(f"{side}.h"))
             .with_row_index(f"{side}.row")
-            .filter(~pl.col("deleted"))
-            .drop("deleted")
-            .lazy()
         )
 
     a, b = mapped["a"], mapped["b"]
-    pairs = live.lazy().join(slim(a, "a"), on="a_id").join(slim(b, "b"), on="b_id").collect()
+    joined = left_join_on_ids(live, {"a_id": slim(a, "a"), "b_id": slim(b, "b")})
+    pairs = joined.filter(~pl.col("a.gone") & ~pl.col("b.gone"))  # a record missing: null
     differing = pairs.filter(pl.col("a.h") != pl.col("b.h"))
     values = pl.concat(
         [
             differing.select("a_id", "b_id"),
             *[
-                frame.drop("id")
-                .rename(lambda c, side=side: f"{side}.{c}")
-                .gather(differing.get_column(f"{side}.row"))
+                take_rows(frame.drop("id"), differing.get_column(f"{side}.row")).rename(
+                    lambda c, side=side: f"{side}.{c}"
+                )
                 for side, frame in (("a", a), ("b", b))
             ],
         ],
@@ -114,14 +112,24 @@ def agreement(
     return Agreement(
         linked=pairs.height,
         disagreements=pl.concat([empty, *parts]),
-        unlinked={side: unlinked(mapped[side], links, side) for side in ("a", "b")},
+        unlinked={
+            side: not_reached(mapped[side], joined.get_column(f"{side}.row")) for side in "ab"
+        },
     )
 
 
 def unlinked(frame: pl.DataFrame, links: pl.DataFrame, side: str) -> pl.DataFrame:
     """Live records of one side without a live link: ``id``."""
-    live = links.filter(~pl.col("tombstoned")).select(pl.col(f"{side}_id").alias("id"))
-    return frame.filter(~pl.col("deleted")).select("id").join(live, on="id", how="anti")
+    live = links.filter(~pl.col("tombstoned")).select(f"{side}_id")
+    rows = frame.select(pl.col("id").alias(f"{side}_id")).with_row_index("row")
+    return not_reached(frame, left_join_on_ids(live, {f"{side}_id": rows}).get_column("row"))
+
+
+def not_reached(frame: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
+    """Live records of a mapped frame at none of ``rows`` (its row numbers, nulls aside,
+    that live links reached): ``id``."""
+    reached = pl.zeros(frame.height, pl.Boolean, eager=True).scatter(rows.drop_nulls(), True)
+    return frame.filter(~pl.col("deleted") & ~reached).select("id")
 
 
 @dataclass(frozen=True)
@@ -183,21 +191,25 @@ def type_violations(
 ) -> dict[str, pl.DataFrame]:
     """Per canonical column: live records whose value does not have the declared type."""
     obj = mapping.side(side)
-    live = snapshot.filter(~pl.col(DELETED))
-    out = {}
+    found = {}
     for column in mapping.columns:
         field_name = column.a_field if side == "a" else column.b_field
-        if column.reference:
-            out[column.name] = live.clear().select(
-                pl.col(obj.id_field).alias("id"), pl.lit("").alias("value")
-            )
-            continue
         raw = pl.col(field_name)
-        converted = convert(raw, FIELD_DTYPES[obj.fields[field_name]], column.dtype)
-        out[column.name] = live.filter(raw.is_not_null() & converted.is_null()).select(
-            pl.col(obj.id_field).cast(pl.String).alias("id"), raw.cast(pl.String).alias("value")
+        if column.reference:  # a reference is an id: any value will do
+            wrong = pl.lit(False)
+        else:
+            converted = convert(raw, FIELD_DTYPES[obj.fields[field_name]], column.dtype)
+            wrong = ~pl.col(DELETED) & raw.is_not_null() & converted.is_null()
+        # one pass over the snapshot per column, none copying it (all run at once below)
+        found[column.name] = (
+            snapshot.lazy()
+            .filter(wrong)
+            .select(
+                pl.col(obj.id_field).cast(pl.String).alias("id"),
+                raw.cast(pl.String).alias("value"),
+            )
         )
-    return out
+    return dict(zip(found, pl.collect_all(found.values()), strict=True))
 
 
 def flow_checks(
@@ -271,29 +283,31 @@ def flow_checks(
                 passed=missing.height == 0,
                 severity="warn",
                 counts={
-                    "records": mapped[side].filter(~pl.col("deleted")).height,
+                    "records": mapped[side].select((~pl.col("deleted")).sum()).item(),
                     "unlinked": missing.height,
                 },
                 sample=missing.head(sample_size),
             )
         )
-    live = links.filter(~pl.col("tombstoned"))
+    live = links.lazy().filter(~pl.col("tombstoned"))
+    # an id linked twice hashes alike twice: only ids whose hash repeats are counted
     dup = pl.concat(
         [
-            live.group_by(key)
+            live.filter(pl.col(key).hash().is_duplicated())
+            .group_by(key)
             .len()
             .filter(pl.col("len") > 1)
             .select(pl.col(key).alias("id"), pl.lit(key).alias("side"))
             for key in ("a_id", "b_id")
         ]
-    )
+    ).collect()
     out.append(
         CheckOutcome(
             name="links_one_to_one",
             description=catalog["links_one_to_one"],
             passed=dup.height == 0,
             severity="error",
-            counts={"links": live.height, "linked_twice": dup.height},
+            counts={"links": live.select(pl.len()).collect().item(), "linked_twice": dup.height},
             sample=dup.head(sample_size),
         )
     )
