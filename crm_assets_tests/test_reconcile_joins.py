@@ -80,3 +80,12 @@ def test_a_plan_is_the_same_when_every_id_collides(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(reconcile, "id_hash", colliding(500))  # about 4 ids a value
     assert plan_signature(reconcile_flow(mapping, a, b, world.links)) == expected
     assert expected["pairs"], "the world has pairs to write"
+
+
+def test_ids_of_different_types_are_refused_as_a_join_on_them_refuses():
+    links = pl.DataFrame({"a_id": ["1", "2"]})
+    records = {"a_id": pl.DataFrame({"a_id": [1, 2], "a.x": [10, 20]})}  # ids read as numbers
+    with pytest.raises(pl.exceptions.SchemaError):
+        string_join(links, records)
+    with pytest.raises(pl.exceptions.SchemaError):
+        left_join_on_ids(links, records)
