@@ -96,7 +96,8 @@ def _same(got: pl.DataFrame, expected: pl.DataFrame, where: str, key: str = "id"
 @given(history=histories, compact=st.integers(0, 12))
 def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int) -> None:
     """Also: the stored snapshot (a base and a delta folded in past ``compact`` rows)
-    holds what merging every read into the whole snapshot gives, with the same counts."""
+    holds what merging every read into the whole snapshot gives, with the same counts, and
+    the merge's summary (the times and deletes the cursor and counts come from) is its."""
     with tempfile.TemporaryDirectory() as folder:
         store = SnapshotStore(Path(folder), compact_min_rows=compact)
         refs = {"product_to_companies": PRODUCTS}
@@ -136,11 +137,12 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
                     fetched, previous, full = live.slice(args[1]), snapshot, True
                 else:  # the snapshot deleted and read anew: fewer records than before
                     fetched, previous, full = SEED[side].head(args[1]), None, False
+                summary = None
                 if previous is None:
                     change = merge_snapshot(None, fetched, id_field, modified, full)
                     store.write(obj.system_key, obj.obj, change.to_store, float(step))
                 else:
-                    change, _ = store.merge(
+                    change, summary = store.merge(
                         obj.system_key,
                         obj.obj,
                         store.open(obj.system_key, obj.obj),
@@ -163,6 +165,11 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
                     f"the stored snapshot of side {side} after step {step}: {kind} {args}",
                     id_field,
                 )
+                if summary is not None:  # the merge's times and deletes: the cursor, the counts
+                    times = expected.frame.select(modified, "_deleted")
+                    assert summary.sort(pl.all()).equals(times.sort(pl.all())), (
+                        f"the summary of side {side} after step {step}: {kind} {args}"
+                    )
             # as the mapped step passes them on: the rows mapped now, naming the kept frame
             files = FlowFiles.of_run(store.root, MAPPING.name, f"run{step}")
             sides = mapped_sides(MAPPING, store, refs)
