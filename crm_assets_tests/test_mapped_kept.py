@@ -36,6 +36,8 @@ FIELDS = {
     "b": ("id", "updatedAt", "title", "company.id"),
 }
 PRODUCTS = WORLD.product_links
+#: a CRM's now after every modification time of the histories
+LATER = datetime(2100, 1, 1, tzinfo=UTC)
 
 read = st.tuples(
     st.just("read"),
@@ -165,6 +167,11 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
                     f"the stored snapshot of side {side} after step {step}: {kind} {args}",
                     id_field,
                 )
+                stored = store.open(obj.system_key, obj.obj)
+                latest = expected.frame.get_column(modified).max()
+                assert stored is not None and stored.cursor(modified, LATER) == latest, (
+                    f"the cursor of side {side} after step {step}: {kind} {args}"
+                )
                 if summary is not None:  # the merge's times and deletes: the cursor, the counts
                     times = expected.frame.select(modified, "_deleted")
                     assert summary.sort(pl.all()).equals(times.sort(pl.all())), (
@@ -213,6 +220,11 @@ def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_re
     assert record.item(0, title) == "newer"
     now = datetime.now(UTC)
     assert store.open(system, obj).cursor(modified, now) == store.read(system, obj)[modified].max()
+    times = store.open(system, obj).frame([id_field, modified])  # as the cursor reads them
+    assert times.height == SEED["a"].height
+    assert times.filter(pl.col(id_field) == first.item(0, id_field)).item(0, modified) == (
+        newer.item(0, modified)
+    )
     fresh, height = store.read_since(system, obj, 0)
     assert height == SEED["a"].height
     assert fresh.filter(pl.col(id_field) == first.item(0, id_field)).item(0, title) == "newer"

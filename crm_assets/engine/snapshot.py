@@ -317,8 +317,13 @@ class Stored:
         wanted = columns or pl.all()
         if self.delta is None:
             return self.base.select(wanted).collect()
-        rows, ids = self.delta.newest(self.base)
-        kept = self.base.filter(~pl.col(self.delta.id_field).is_in(ids)).select(wanted)
+        base = self.base
+        if columns is not None:  # the base's rows the delta replaces: these columns only
+            present = base.collect_schema().names()
+            needed = [self.delta.id_field, SEQ, *columns]
+            base = base.select(list(dict.fromkeys(c for c in needed if c in present)))
+        rows, ids = self.delta.newest(base)
+        kept = base.filter(~pl.col(self.delta.id_field).is_in(ids)).select(wanted)
         return pl.concat([kept.collect(), rows.select(wanted)], how="diagonal_relaxed")
 
     def cursor(self, modified: str, crm_now: datetime) -> datetime | None:
