@@ -28,7 +28,7 @@ def chunked(values: list[int]) -> pl.DataFrame:
         pl.DataFrame({"n": values[i : i + 3], "s": [f"r{v}" for v in values[i : i + 3]]})
         for i in range(0, len(values), 3)
     ]
-    return pl.concat(parts, rechunk=False) if parts else pl.DataFrame(schema={"n": int, "s": str})
+    return pl.concat(parts, rechunk=False)
 
 
 @settings(max_examples=80, deadline=None)
