@@ -228,6 +228,55 @@ def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_re
     fresh, height = store.read_since(system, obj, 0)
     assert height == SEED["a"].height
     assert fresh.filter(pl.col(id_field) == first.item(0, id_field)).item(0, title) == "newer"
+    # a later read, merged over the stale delta, keeps the newer edit (the base's row)
+    later = SEED["a"].slice(10, 1).with_columns(pl.col(modified) + timedelta(seconds=3))
+    store.merge(system, obj, store.open(system, obj), later, id_field, modified, False, 3.0)
+    record = store.read(system, obj).filter(pl.col(id_field) == first.item(0, id_field))
+    assert record.item(0, title) == "newer"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    again=st.integers(0, 20),
+    same_time=st.integers(0, 8),
+    dated=st.integers(0, 8),
+    delta_first=st.booleans(),
+)
+def test_a_merge_compares_whole_rows_however_many_a_read_gives_again(
+    again: int, same_time: int, dated: int, delta_first: bool
+) -> None:
+    """A read of records as stored (the overlap window), edited within the CRM's clock
+    resolution, or edited later, with or without a delta before it: the stored snapshot
+    and the counts are those of merging it into the whole snapshot, whether the few rows
+    it compares are read one by one or through one filtered read (past ``SLICED_ROWS``)."""
+    world = WORLD.a
+    id_field, modified, title = FIELDS["a"][:3]
+    whole = merge_snapshot(None, world, id_field, modified, False).frame
+    with tempfile.TemporaryDirectory() as folder:
+        store = SnapshotStore(Path(folder), compact_min_rows=1_000)
+        system, obj = MAPPING.a.system_key, MAPPING.a.obj
+        store.write(system, obj, whole, 0.0)
+        if delta_first:
+            edit = world.slice(30, 5).with_columns(pl.col(modified) + timedelta(seconds=1))
+            store.merge(system, obj, store.open(system, obj), edit, id_field, modified, False, 1.0)
+            whole = merge_snapshot(whole, edit, id_field, modified, False).frame
+        stored = whole.drop(SEQ)
+        fetched = pl.concat(
+            [
+                stored.slice(0, again),
+                stored.slice(again, same_time).with_columns(pl.lit("same time").alias(title)),
+                stored.slice(again + same_time, dated).with_columns(
+                    pl.col(modified) + timedelta(seconds=5), pl.lit("dated").alias(title)
+                ),
+            ]
+        )
+        change, _ = store.merge(
+            system, obj, store.open(system, obj), fetched, id_field, modified, False, 2.0
+        )
+        expected = merge_snapshot(whole, fetched, id_field, modified, False)
+        counts = ("new", "changed", "deleted", "fetched", "touched")
+        assert [getattr(change, c) for c in counts] == [getattr(expected, c) for c in counts]
+        _same(store.read(system, obj).drop(SEQ), expected.frame.drop(SEQ), "merged", id_field)
 
 
 def test_a_read_while_another_run_folds_the_delta_into_the_base_loses_no_row(
