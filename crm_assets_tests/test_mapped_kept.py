@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.synthetic import contact_mapping, generate
+from crm_assets.engine.incremental import scope_columns
 from crm_assets.engine.mapping import map_side
 from crm_assets.engine.snapshot import SEQ, SnapshotStore, merge_snapshot
 from crm_assets.engine.storage import Storage
@@ -36,6 +37,7 @@ FIELDS = {
     "b": ("id", "updatedAt", "title", "company.id"),
 }
 PRODUCTS = WORLD.product_links
+COLUMNS = scope_columns(MAPPING)
 #: a CRM's now after every modification time of the histories
 LATER = datetime(2100, 1, 1, tzinfo=UTC)
 
@@ -181,10 +183,17 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
             files = FlowFiles.of_run(store.root, MAPPING.name, f"run{step}")
             sides = mapped_sides(MAPPING, store, refs)
             files.save_mapped(*sides)
-            for side, got, mapped in zip("ab", files.load_mapped(), sides, strict=True):
+            loaded = zip("ab", files.load_mapped(), files.mapped_sides(), sides, strict=True)
+            for side, got, saved, mapped in loaded:
                 obj = MAPPING.side(side)
                 whole = map_side(store.read(obj.system_key, obj.obj), MAPPING, side, refs)
-                _same(got, whole, f"side {side} after step {step}: {kind} {args}")
+                where = f"side {side} after step {step}: {kind} {args}"
+                _same(got, whole, where)
+                # as an incremental plan reads them: its columns, then whole rows of a few
+                narrow = saved.narrow(COLUMNS).select(COLUMNS)
+                _same(narrow, whole.select(COLUMNS), f"the scope columns of {where}")
+                some = narrow.filter(pl.col("id").hash(step) % 3 == 0)
+                _same(saved.whole_rows(some), whole.join(some.select("id"), on="id"), where)
                 assert mapped.counts() == {
                     "records": whole.filter(~pl.col("deleted")).height,
                     "conversion_errors": whole.filter(pl.col("error").is_not_null()).height,

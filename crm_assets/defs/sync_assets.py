@@ -222,7 +222,7 @@ def build_sync_assets(mapping: FlowMapping, after: list[FlowMapping]) -> list[dg
     ) -> dg.MaterializeResult:
         storage = context.resources.storage
         files = storage.flow_files(mapping.name, context.run.run_id)
-        a, b = files.load_mapped()
+        a, b = files.mapped_sides()
         options = ReconcileOptions(
             mode="read_only" if config.dry_run else config.mode,
             force=config.force,

@@ -141,6 +141,23 @@ class MappedSide:
             return self.fresh
         return upsert_rows(self.kept.scan(), self.fresh)
 
+    def narrow(self, columns: list[str]) -> pl.DataFrame:
+        """Every row, of ``columns`` at least: a kept frame decodes those only (a frame in
+        memory is given as it is)."""
+        if self.kept is None:
+            return self.fresh
+        return upsert_rows(self.kept.scan().select(columns), self.fresh.select(columns))
+
+    def whole_rows(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Every column of ``rows`` (some of :meth:`narrow`'s): a kept frame's few rows are
+        decoded from it, not the million."""
+        if self.kept is None:
+            return rows
+        wanted = pl.col("id").is_in(rows.get_column("id").implode())
+        replaced = pl.col("id").is_in(self.fresh.get_column("id").implode())
+        kept = rows_where(self.kept.scan(), wanted & ~replaced)
+        return pl.concat([kept, rows_where(self.fresh, wanted)])
+
     def counts(self) -> dict[str, int]:
         """Its records (not deleted), conversion errors and unresolved references, reading
         only those columns of the kept frame (none, when ``kept_counts`` has them)."""
@@ -198,6 +215,15 @@ def last_mark(state: SyncState, mapping: FlowMapping) -> Mark | None:
     text = state.plan_mark(mapping.name)
     mark = Mark(**json.loads(text)) if text else None
     return mark if mark is not None and mark.digest == mapping_digest(mapping) else None
+
+
+def scope_columns(mapping: FlowMapping) -> list[str]:
+    """The mapped columns an incremental plan finds its records by (:func:`changed_since`,
+    :func:`changed_scope`): ids, reads, deletes, unresolved references, the merge keys and
+    the reference columns."""
+    keys = [f"key{i}" for i in range(len(mapping.merge))]
+    refs = [c.name for c in mapping.columns if c.reference]
+    return ["id", "seq", "deleted", "unresolved", *keys, *refs]
 
 
 def changed_since(

@@ -587,11 +587,8 @@ class SnapshotStore:
         data = None if name is None else self.root.read_bytes(MAPPED, flow, side, name)
         if data is None:
             return None
-        meta = pl.read_parquet_metadata(io.BytesIO(data))
-        if meta.get("key") != key:
-            return None
-        path = self.root.key(MAPPED, flow, side, name)
-        return KeptFrame(path, int(meta["seq"]), int(meta["rows"]), data)
+        kept = KeptFrame.of(self.root.key(MAPPED, flow, side, name), data)
+        return kept if kept.key == key else None
 
     def keep_mapped(self, flow: str, side: str, frame: pl.DataFrame, key: str) -> KeptFrame:
         """Keep a side's mapped frame for the next runs, with the key it is valid under.
@@ -614,7 +611,7 @@ class SnapshotStore:
         if old:
             folder.remove_keys(old)
         return KeptFrame(
-            self.root.key(MAPPED, flow, side, name), seq, frame.height, buffer.getvalue()
+            self.root.key(MAPPED, flow, side, name), seq, frame.height, buffer.getvalue(), key
         )
 
 
@@ -628,6 +625,14 @@ class KeptFrame:
     seq: int
     rows: int
     data: bytes
+    #: what it depends on besides its snapshot (``mapped_key``)
+    key: str | None = None
+
+    @classmethod
+    def of(cls, path: str, data: bytes) -> KeptFrame:
+        """The kept frame stored at ``path`` as ``data``."""
+        meta = pl.read_parquet_metadata(io.BytesIO(data))
+        return cls(path, int(meta["seq"]), int(meta["rows"]), data, meta.get("key"))
 
     def scan(self) -> pl.LazyFrame:
         return pl.scan_parquet(io.BytesIO(self.data))

@@ -17,8 +17,9 @@ from typing import Any
 
 import polars as pl
 
-from crm_assets.engine.incremental import MappedSide, upsert_rows
+from crm_assets.engine.incremental import MappedSide
 from crm_assets.engine.reconcile import Plan
+from crm_assets.engine.snapshot import KeptFrame
 from crm_assets.engine.storage import Storage
 
 #: Run folders older than this are removed when a run of the flow starts.
@@ -72,13 +73,19 @@ class FlowFiles:
 
     def load_mapped(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Both sides' whole mapped frames, as the mapped step saw them."""
+        a, b = self.mapped_sides()
+        return a.frame(), b.frame()
+
+    def mapped_sides(self) -> tuple[MappedSide, MappedSide]:
+        """Both sides as the mapped step saved them: the rows mapped anew and the kept frame
+        they update, which a plan decodes only as far as it needs."""
         return self._mapped("a"), self._mapped("b")
 
-    def _mapped(self, side: str) -> pl.DataFrame:
+    def _mapped(self, side: str) -> MappedSide:
         data = self._bytes(self.folder, f"mapped_{side}.parquet")
         fresh, meta = pl.read_parquet(io.BytesIO(data)), pl.read_parquet_metadata(io.BytesIO(data))
         if "kept" not in meta:
-            return fresh
+            return MappedSide(fresh)
         root = Storage(self.runs.store, self.runs.url)
         kept = root.read_bytes(meta["kept"])
         if kept is None:
@@ -86,7 +93,7 @@ class FlowFiles:
                 f"no {root.uri(meta['kept'])} (kept frames are removed after a day): "
                 "run the flow again"
             )
-        return upsert_rows(pl.scan_parquet(io.BytesIO(kept)), fresh)
+        return MappedSide(fresh, KeptFrame.of(meta["kept"], kept))
 
     def save_unlinked(self, table: pl.DataFrame) -> None:
         """The unlinked records as the run's verification found them, for its unlinked step."""

@@ -14,7 +14,7 @@ from crm_assets.engine.state import SyncState
 from crm_assets.sync.guard import refresh_if_stale, take_flow
 from crm_assets.sync.planning import (
     confirm_plan,
-    map_flow,
+    mapped_sides,
     plan_flow,
     reference_links,
 )
@@ -60,7 +60,7 @@ def sync_once(
                 lambda obj: read_snapshot(clients[obj.system_key], obj, store, state),
             )
             refs = reference_links(state, mapping)
-            a, b = map_flow(mapping, store, refs)
+            a, b = mapped_sides(mapping, store, refs)
             plan = plan_flow(mapping, a, b, state, options, full=full_rescan)
             results = write_flow(mapping, plan, state, store, clients, run_id, refs)
             confirm_plan(state, plan, run_id)

@@ -27,6 +27,7 @@ from crm_assets.engine.incremental import (
     last_mark,
     mapped_key,
     remap_side,
+    scope_columns,
 )
 from crm_assets.engine.mapping import FlowMapping, build_flow_mapping
 from crm_assets.engine.objects import SourceObject
@@ -174,8 +175,8 @@ class StateRefused(RuntimeError):
 
 def plan_flow(
     mapping: FlowMapping,
-    a: pl.DataFrame,
-    b: pl.DataFrame,
+    a: pl.DataFrame | MappedSide,
+    b: pl.DataFrame | MappedSide,
     state: SyncState,
     options: ReconcileOptions | None = None,
     earlier_runs: str | None = None,
@@ -185,7 +186,9 @@ def plan_flow(
     """The plan of one flow from its mapped frames and the state database.
 
     After a confirmed run of the same document rows, only what changed since is
-    planned (:mod:`crm_assets.engine.incremental`); ``full`` plans every record.
+    planned (:mod:`crm_assets.engine.incremental`); ``full`` plans every record. A side
+    given as a :class:`MappedSide` is decoded as far as the plan needs: an incremental
+    plan reads a kept frame's :func:`scope_columns`, and every column of its scope only.
     ``links``: the flow's links as ``state.links(flow, {})`` gives them, when the caller
     read them already (a full plan reads them otherwise).
 
@@ -202,9 +205,13 @@ def plan_flow(
     offsets = (state.clock_offset(mapping.a.system_key), state.clock_offset(mapping.b.system_key))
     options = replace(options, clock_offsets=offsets)
     mark = None if full or options.rebuild_links else last_mark(state, mapping)
+    sides = [side if isinstance(side, MappedSide) else MappedSide(side) for side in (a, b)]
+    if mark is not None:
+        a, b = (side.narrow(scope_columns(mapping)) for side in sides)
     changed = changed_since(mapping, a, b, state, mark) if mark else None
     whole, earlier, bases = None, None, None
     if mark is None or changed is None:
+        a, b = (side.frame() for side in sides)
         # every link with its base's digest; the values only of pairs that changed
         links = state.links(mapping.name, {}) if links is None else links
         bases = functools.partial(state.bases, mapping.name, mapping.dtypes)
@@ -212,7 +219,8 @@ def plan_flow(
     else:
         count = functools.cache(functools.partial(state.link_count, mapping.name))
         whole = Whole(count, {"a": live_count(a), "b": live_count(b)}, mark.links)
-        scope = changed_scope(mapping, a, b, state, *changed)
+        found = changed_scope(mapping, a, b, state, *changed)
+        scope = Scope(sides[0].whole_rows(found.a), sides[1].whole_rows(found.b), found.links)
         links, earlier = scope.links, (mark, scope)
     pending = state.pending_creates(mapping.name)
     gone = gone_references(state, mapping)
