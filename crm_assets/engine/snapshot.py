@@ -286,6 +286,9 @@ class Delta:
 
     frame: pl.DataFrame
     id_field: str
+    #: the snapshot's rows when it was written, and the base's rows and newest read then:
+    #: while the base is that one, the snapshot still holds as many (None: not known)
+    rows: tuple[int, int, int] | None = None
 
     def newest(self, base: pl.DataFrame | pl.LazyFrame) -> tuple[pl.DataFrame, pl.Series]:
         """Per id of the delta, the later read of its row and the base's (a tie goes to the
@@ -529,7 +532,10 @@ class SnapshotStore:
             self.write(system, obj, pl.concat([kept, changed]), read_started, crm_started)
         elif change.touched:
             buffer = io.BytesIO()
-            changed.write_parquet(buffer, metadata={"id": id_field})
+            rows = {"rows": summary.height, "base_rows": narrow.height, "base_seq": last_seq}
+            changed.write_parquet(
+                buffer, metadata={"id": id_field} | {k: str(v) for k, v in rows.items()}
+            )
             self.root.write_bytes(buffer.getvalue(), system, f"{obj}{DELTA}")
             self._stamp(system, obj, read_started, crm_started)
         else:
@@ -553,11 +559,14 @@ class SnapshotStore:
         # twice their ids). A base row newer than the delta's (folded in after the delta was
         # written) is either recent, and ``newest`` keeps it, or older than ``seq``, and so
         # is the delta's row: neither is fresh.
-        held = base.filter(in_delta).select(pl.len()).collect().item()
         rows, _ = delta.newest(recent.filter(in_delta))
         fresh = pl.concat(
             [recent.filter(~in_delta), rows.filter(pl.col(SEQ) > seq)], how="diagonal_relaxed"
         )
+        last_seq = int(base.select(pl.col(SEQ).max()).collect().item() or 0)
+        if delta.rows is not None and delta.rows[1:] == (height, last_seq):
+            return fresh, delta.rows[0]  # the base it was written beside: its count holds
+        held = base.filter(in_delta).select(pl.len()).collect().item()
         return fresh, height + rows.height - held
 
     def open(self, system: str, obj: str) -> Stored | None:
@@ -578,7 +587,10 @@ class SnapshotStore:
         if raw is None:
             return Stored(base, None)
         meta = pl.read_parquet_metadata(io.BytesIO(raw))
-        return Stored(base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"]))
+        rows = None
+        if "base_seq" in meta:  # a delta written before 2026-12-03 has no counts
+            rows = (int(meta["rows"]), int(meta["base_rows"]), int(meta["base_seq"]))
+        return Stored(base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"], rows))
 
     def kept_mapped(self, flow: str, side: str, key: str) -> KeptFrame | None:
         """The side's mapped frame kept by an earlier run, if it was kept under ``key``
