@@ -334,8 +334,12 @@ class Stored:
         return newest(self.frame([modified]), modified, crm_now)
 
 
-#: the column a base's rows are numbered in while a merge reads it
+#: a merge's working columns: the base's row numbers, its rows of the ids read or in the
+#: delta, the rows taken from its narrow columns, and the fetched times
 _ROW = "__row"
+_HIT = "__hit"
+_FROM_BASE = "__from_base"
+_FETCHED_AT = "__fetched_at"
 #: Up to this many rows are taken from a base a slice each (about 1.3 ms a row, in
 #: parallel); more, through one filtered read (about 26 ms for any few rows of a million:
 #: it decodes every column's pages that hold one).
@@ -355,11 +359,10 @@ def _stored_rows(
     ids the delta holds.
 
     ``part`` is the base's id, read, time and delete columns (numbered) of the fetched ids
-    and the delta's. A base row of a
-    fetched id whose fetched time differs is a change whatever its other fields, and is
-    replaced: it is passed on with those columns only. The others (a read of the overlap
-    window, an edit within the CRM's clock resolution, a base row newer than the delta's)
-    are compared or kept, so they are read whole."""
+    and the delta's. A base row of a fetched id whose fetched time differs is a change
+    whatever its other fields, and is replaced: it is passed on with those columns only.
+    The others (a read of the overlap window, an edit within the CRM's clock resolution, a
+    base row newer than the delta's) are compared or kept, so they are read whole."""
     part = part.with_columns(pl.lit(True).alias(_FROM_BASE))
     if delta is None:
         rows, in_delta = part, pl.lit(False)
@@ -389,13 +392,6 @@ def _stored_rows(
     ]
     previous = pl.concat([rows.filter(~whole).select(padded), read], how="vertical_relaxed")
     return previous, in_delta
-
-
-#: marks, in a merge, the base's rows of the ids read or in the delta, the rows taken from
-#: the base's narrow columns, and the fetched times
-_HIT = "__hit"
-_FROM_BASE = "__from_base"
-_FETCHED_AT = "__fetched_at"
 
 
 class SnapshotStore:
@@ -588,7 +584,7 @@ class SnapshotStore:
             return Stored(base, None)
         meta = pl.read_parquet_metadata(io.BytesIO(raw))
         rows = None
-        if "base_seq" in meta:  # a delta written before 2026-12-03 has no counts
+        if "base_seq" in meta:  # a delta an earlier release wrote has no counts
             rows = (int(meta["rows"]), int(meta["base_rows"]), int(meta["base_seq"]))
         return Stored(base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"], rows))
 
