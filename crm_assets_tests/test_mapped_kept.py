@@ -272,7 +272,7 @@ def test_a_merge_compares_whole_rows_however_many_a_read_gives_again(
             edit = world.slice(30, 5).with_columns(pl.col(modified) + timedelta(seconds=1))
             store.merge(system, obj, store.open(system, obj), edit, id_field, modified, False, 1.0)
             whole = merge_snapshot(whole, edit, id_field, modified, False).frame
-        stored = whole.drop(SEQ)
+        stored = whole.drop(SEQ).reverse()  # the delta's rows (last) are read first
         fetched = pl.concat(
             [
                 stored.slice(0, again),
