@@ -546,7 +546,7 @@ class SnapshotStore:
         if stored is None or SEQ not in stored.base.collect_schema().names():
             return None
         base, delta = stored.base, stored.delta
-        height = base.select(pl.len()).collect().item()
+        height, last_seq = base.select(pl.len(), pl.col(SEQ).max().fill_null(0)).collect().row(0)
         recent = base.filter(pl.col(SEQ) > seq).collect()
         if delta is None:
             return recent, height
@@ -559,7 +559,6 @@ class SnapshotStore:
         fresh = pl.concat(
             [recent.filter(~in_delta), rows.filter(pl.col(SEQ) > seq)], how="diagonal_relaxed"
         )
-        last_seq = int(base.select(pl.col(SEQ).max()).collect().item() or 0)
         if delta.rows is not None and delta.rows[1:] == (height, last_seq):
             return fresh, delta.rows[0]  # the base it was written beside: its count holds
         held = base.filter(in_delta).select(pl.len()).collect().item()

@@ -71,11 +71,6 @@ class FlowFiles:
             meta = {"kept": side.kept.path} if side.kept is not None else None
             self.folder.write_parquet(side.fresh, f"mapped_{name}.parquet", metadata=meta)
 
-    def load_mapped(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Both sides' whole mapped frames, as the mapped step saw them."""
-        a, b = self.mapped_sides()
-        return a.frame(), b.frame()
-
     def mapped_sides(self) -> tuple[MappedSide, MappedSide]:
         """Both sides as the mapped step saved them: the rows mapped anew and the kept frame
         they update, which a plan decodes only as far as it needs."""
