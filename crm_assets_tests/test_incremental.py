@@ -4,6 +4,7 @@ a full rescan, an edited document or lost snapshots never let it miss anything."
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -213,3 +214,66 @@ def test_a_contact_waiting_on_an_ambiguous_company_waits_in_every_run(either_wor
     with either_world.custom_client() as a:
         made = [r for page in a.pages("contacts") for r in page]
     assert [(r["Email"], r["ProductId"]) for r in made] == [("ann@example.com", product["Id"])]
+
+
+def ambiguous(outcome: SyncOutcome, flow: str) -> int:
+    return int(outcome.of(f"{flow}/reconciled")["ambiguous"])
+
+
+def test_a_run_plans_the_ambiguous_groups_its_changes_touch_and_reports_them_all(
+    either_world: SyncWorld, monkeypatch: pytest.MonkeyPatch
+):
+    """An edit elsewhere leaves an ambiguous group out of the plan (a sensor's edit would
+    otherwise plan every group the last run left, thousands at a million records), yet
+    the run reports it still; a record changing its key away settles its old group in
+    the run that reads it, and nothing is made twice."""
+    copies = seeded(either_world)
+    contacts = either_world.contacts
+    with either_world.office_client() as b:
+        twins = [
+            b.create("contacts", {"email": "twin@example.com", "givenName": f"Twin {i}"})
+            for i in range(2)
+        ]
+    with either_world.custom_client() as a:
+        a.create("contacts", {"Email": "twin@example.com", "FirstName": "Twin"})
+    monkeypatch.setattr(incremental, "CLOCK_MARGIN", timedelta(0))
+    found = sync()
+    assert plan_of(found, contacts)[0] == "incremental" and ambiguous(found, contacts) == 3
+    edited = copies[3]
+    with either_world.office_client() as b:
+        b.replace("contacts", edited["id"], {**edited, "title": "Chief Tester"})
+    elsewhere = sync()
+    assert plan_of(elsewhere, contacts) == ("incremental", 2)  # the edit and its pair only
+    assert ambiguous(elsewhere, contacts) == 3  # the group, as the last run left it
+    # a mark of the release before, which kept the ambiguous ids only: the group is
+    # planned again, as that release did, until the next mark keeps its keys
+    engine = sa.create_engine(either_world.state_url)
+    with engine.begin() as conn:
+        name = f"plan_mark/{contacts}"
+        query = sa.text("SELECT value FROM cursors WHERE name = :name")
+        mark = json.loads(conn.execute(query, {"name": name}).scalar_one())
+        groups = mark.pop("groups").values()
+        kept = sorted(list(g) for side in groups for g in zip(*side.values(), strict=True))
+        assert kept == [[1, "twin@example.com"]] * 2 + [[2, "twin@example.com"]]  # candidates, key
+        update = sa.text("UPDATE cursors SET value = :value WHERE name = :name")
+        conn.execute(update, {"name": name, "value": json.dumps(mark)})
+    engine.dispose()
+    with either_world.office_client() as b:
+        b.replace("contacts", edited["id"], {**edited, "title": "Chief Reviewer"})
+    upgraded = sync()
+    assert plan_of(upgraded, contacts) == ("incremental", 2 + 3)
+    assert ambiguous(upgraded, contacts) == 3
+    with either_world.office_client() as b:
+        b.replace("contacts", twins[0]["id"], {**twins[0], "email": "moved@example.com"})
+    settled = sync()
+    kind, looked_at = plan_of(settled, contacts)
+    assert kind == "incremental" and 3 <= looked_at < CONTACTS  # the group, not everything
+    assert ambiguous(settled, contacts) == 0
+    sync()
+    with either_world.custom_client() as a:
+        emails = sorted(r["Email"] for page in a.pages("contacts") for r in page)
+    with either_world.office_client() as b:
+        office = sorted(r["email"] for page in b.pages("contacts") for r in page)
+    assert emails.count("twin@example.com") == office.count("twin@example.com") == 1
+    assert emails.count("moved@example.com") == 1  # the twin that moved, made once
+    assert len(emails) == len(office) == CONTACTS + 2

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import polars as pl
 
 from crm_assets.engine.mapping import MAPPED_FORMAT, FlowMapping, map_side
-from crm_assets.engine.reconcile import other
+from crm_assets.engine.reconcile import SIDES, other
 from crm_assets.engine.snapshot import KeptFrame
 from crm_assets.engine.state import SyncState, dead_letter_record
 
@@ -42,11 +43,16 @@ FULL_PLAN_MIN_RECORDS = 10_000
 @dataclass(frozen=True)
 class Mark:
     """What the last confirmed plan of a flow covered: the document's rows (a digest),
-    each side's snapshot reads, when it was made, and the records it left ambiguous
-    (a change of one's merge key away from the others settles them all, and the old
-    key is nowhere else to be found), and how many links the flow had at least (links are
-    never removed, only tombstoned: the breaker need not count them when a plan changes
-    fewer records than its share of these)."""
+    each side's snapshot reads, when it was made, the records it left ambiguous, and how
+    many links the flow had at least (links are never removed, only tombstoned: the
+    breaker need not count them when a plan changes fewer records than its share of
+    these).
+
+    An ambiguous record's status changes only with its group (the records sharing a
+    merge-key value with it): ``groups`` keeps each one's candidates and keys, so a plan
+    takes in the groups its changes touch (a change of one's key away from the others
+    settles them all, and the old key is nowhere else to be found) and tells the others
+    as this mark left them."""
 
     digest: str
     a: int
@@ -54,6 +60,10 @@ class Mark:
     at: str  # ISO time of the plan
     ambiguous: dict[str, list[str]] = field(default_factory=lambda: {"a": [], "b": []})
     links: int = 0
+    #: per side, ``candidates, key0, key1, ...`` of the ``ambiguous`` records, a list per
+    #: column in their order; ``None`` in a mark of an earlier release (its records are
+    #: then planned again)
+    groups: dict[str, dict[str, list[Any]]] | None = None
 
     @classmethod
     def after(
@@ -66,35 +76,94 @@ class Mark:
         earlier: tuple[Mark, Scope] | None = None,
     ) -> Mark:
         """The mark a plan of the mapped ``frames`` leaves once written: ``ambiguous`` is
-        the plan's (``side, id``), ``links`` how many links the flow has at least; an
-        incremental plan keeps ``earlier`` ambiguous records outside its scope."""
-        found = ambiguous.select("side", pl.col("id").cast(pl.String))
+        the plan's (``side, id, candidates``), ``links`` how many links the flow has at
+        least; an incremental plan keeps ``earlier`` ambiguous records outside its scope."""
+        keys = _key_names(mapping)
+        held = frames if earlier is None else (earlier[1].a, earlier[1].b)
+        found = pl.concat(
+            [
+                _with_keys(ambiguous.filter(pl.col("side") == side), frame, keys)
+                for side, frame in zip(SIDES, held, strict=True)
+            ]
+        )
         if earlier is not None:
             mark, scope = earlier
-            kept = pl.DataFrame(
-                [(s, i) for s in ("a", "b") for i in mark.ambiguous[s]],
-                schema={"side": pl.String, "id": pl.String},
-                orient="row",
-            )
             looked_at = pl.concat(
                 [
-                    scope.a.select(pl.lit("a").alias("side"), "id"),
-                    scope.b.select(pl.lit("b").alias("side"), "id"),
+                    scope.a.select(pl.lit("a").alias("side"), pl.col("id").cast(pl.String)),
+                    scope.b.select(pl.lit("b").alias("side"), pl.col("id").cast(pl.String)),
                 ]
             )
-            found = pl.concat([kept.join(looked_at, on=["side", "id"], how="anti"), found])
-        ids = {s: found.filter(pl.col("side") == s).get_column("id").unique().sort() for s in "ab"}
+            kept = mark.ambiguous_records(len(keys)).join(looked_at, on=["side", "id"], how="anti")
+            found = pl.concat([kept, found])
+        found = found.unique(["side", "id"], keep="last").sort("side", "id")
+        per_side = {side: found.filter(pl.col("side") == side) for side in SIDES}
         return cls(
             mapping_digest(mapping),
             *(last_read(f) for f in frames),
             at.isoformat(),
-            {s: ids[s].to_list() for s in ids},
+            {side: rows.get_column("id").to_list() for side, rows in per_side.items()},
             links,
+            {
+                side: rows.drop("side", "id").to_dict(as_series=False)
+                for side, rows in per_side.items()
+            },
         )
+
+    def ambiguous_records(self, keys: int) -> pl.DataFrame:
+        """``side, id, candidates, key0, ...`` of the records it left ambiguous (a mark of
+        an earlier release knows their ids only: the rest is null)."""
+        schema = {"candidates": pl.Int64} | {f"key{i}": pl.String for i in range(keys)}
+        sides = []
+        for side in SIDES:  # column by column: thousands of rows as Python tuples cost 27 ms
+            ids = pl.Series("id", self.ambiguous[side], pl.String)
+            known = (
+                pl.DataFrame(self.groups[side], schema=schema)
+                if self.groups
+                else pl.DataFrame(schema=schema).clear(ids.len())
+            )
+            sides.append(known.select(pl.lit(side).alias("side"), ids, *schema))
+        return pl.concat(sides)
+
+    def touched(self, changed: dict[str, pl.Series], keys: int) -> dict[str, pl.Series]:
+        """Per side, the ids of the records it left ambiguous that a plan of the ``changed``
+        records must look at again: the groups holding one of them (all, for a mark
+        without their keys)."""
+        records = self.ambiguous_records(keys)
+        if self.groups is not None:
+            hit = pl.any_horizontal(
+                (pl.col("side") == side) & pl.col("id").is_in(ids.cast(pl.String).implode())
+                for side, ids in changed.items()
+            )
+            values = records.filter(hit)
+            shares = [
+                pl.col(f"key{i}").is_in(values.get_column(f"key{i}").drop_nulls().implode())
+                for i in range(keys)
+            ]
+            records = records.filter(pl.any_horizontal([hit, *shares]))
+        return {side: records.filter(pl.col("side") == side).get_column("id") for side in SIDES}
 
     def to_json(self) -> str:
         # its fields as they are: ``asdict`` deep-copies thousands of ambiguous ids per run
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def _key_names(mapping: FlowMapping) -> list[str]:
+    return [f"key{i}" for i in range(len(mapping.merge))]
+
+
+def _with_keys(ambiguous: pl.DataFrame, frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """One side's ambiguous records (``side, id, candidates``) with their merge keys, taken
+    from the mapped ``frame`` that holds them."""
+    ids = ambiguous.get_column("id").cast(pl.String)
+    held = rows_where(frame.select("id", *keys), pl.col("id").cast(pl.String).is_in(ids.implode()))
+    return ambiguous.select(
+        "side", pl.col("id").cast(pl.String), pl.col("candidates").cast(pl.Int64)
+    ).join(
+        held.select(pl.col("id").cast(pl.String), *[pl.col(k).cast(pl.String) for k in keys]),
+        on="id",
+        how="left",
+    )
 
 
 def last_read(frame: pl.DataFrame) -> int:
@@ -221,9 +290,8 @@ def scope_columns(mapping: FlowMapping) -> list[str]:
     """The mapped columns an incremental plan finds its records by (:func:`changed_since`,
     :func:`changed_scope`): ids, reads, deletes, unresolved references, the merge keys and
     the reference columns."""
-    keys = [f"key{i}" for i in range(len(mapping.merge))]
     refs = [c.name for c in mapping.columns if c.reference]
-    return ["id", "seq", "deleted", "unresolved", *keys, *refs]
+    return ["id", "seq", "deleted", "unresolved", *_key_names(mapping), *refs]
 
 
 def changed_since(
@@ -234,7 +302,8 @@ def changed_since(
     (:data:`FULL_PLAN_SHARE`).
 
     Besides the records read since the mark: the records of links written since, those
-    the mark left ambiguous, those of open dead letters and pending creates (retried),
+    of open dead letters and pending creates (retried), the groups of records the mark
+    left ambiguous that any of these touch (:meth:`Mark.touched`),
     records waiting on a reference (their own, or one the other CRM cannot be given: a
     canonical reference with no link in the referenced flow, which the writer defers
     run after run), and records whose reference points at a link the referenced flow made
@@ -251,7 +320,7 @@ def changed_since(
         [pl.Series("id", [], pl.String)]
         + [state.links_changed_since(ref, since) for ref in mapping.references]
     )
-    extra = {side: list(mark.ambiguous[side]) for side in ("a", "b")}
+    extra: dict[str, list[str]] = {side: [] for side in SIDES}
     # the links the last run made, rebased or tombstoned: its writes are checked once more
     # (a record it created and someone deleted before the next read is never read at all)
     extra["a"] += state.links_changed_since(mapping.name, since).to_list()
@@ -262,7 +331,7 @@ def changed_since(
     pending = state.pending_creates(mapping.name)
     for side, source_id in pending.select("side", "source_id").iter_rows():
         extra[other(side)].append(source_id)
-    ids = []
+    ids = {}
     for side, frame in frames.items():
         since_mark = pl.col("seq") > getattr(mark, side)
         waiting = pl.col("unresolved") | pl.any_horizontal(
@@ -276,18 +345,24 @@ def changed_since(
             ]
             or [pl.lit(False)]
         )
-        ids.append(
-            pl.concat(
-                [
-                    rows_where(frame, since_mark | waiting).get_column("id"),
-                    pl.Series("id", extra[side], pl.String),
-                ]
-            ).unique()
+        ids[side] = pl.concat(
+            [
+                rows_where(frame, since_mark | waiting).get_column("id"),
+                pl.Series("id", extra[side], pl.String),
+            ]
         )
+    # the ambiguous groups these touch (all of them, while a lost create's twin may join
+    # one by its other values: ``pending``)
+    groups = replace(mark, groups=None) if pending.height else mark
+    touched = groups.touched(ids, len(mapping.merge))
+    ids = {side: pl.concat([ids[side], touched[side]]).unique() for side in SIDES}
     records = a.height + b.height
-    if records >= FULL_PLAN_MIN_RECORDS and ids[0].len() + ids[1].len() > FULL_PLAN_SHARE * records:
+    if (
+        records >= FULL_PLAN_MIN_RECORDS
+        and ids["a"].len() + ids["b"].len() > FULL_PLAN_SHARE * records
+    ):
         return None
-    return ids[0], ids[1]
+    return ids["a"], ids["b"]
 
 
 @dataclass(frozen=True)
@@ -308,7 +383,10 @@ def rows_where(frame: pl.DataFrame | pl.LazyFrame, predicate: pl.Expr) -> pl.Dat
 
 def upsert_rows(frame: pl.DataFrame | pl.LazyFrame, changed: pl.DataFrame) -> pl.DataFrame:
     """A mapped frame with the changed records' rows replaced (or added); a scanned one
-    drops the replaced rows as it is read, not in a copy after."""
+    drops the replaced rows as it is read, not in a copy after; with nothing changed, the
+    frame is the answer (filtering a million rows to keep them all cost 10 ms)."""
+    if not changed.height:
+        return frame.collect() if isinstance(frame, pl.LazyFrame) else frame
     kept = rows_where(frame, ~pl.col("id").is_in(changed.get_column("id").implode()))
     return pl.concat([kept, changed])
 
@@ -329,7 +407,7 @@ def changed_scope(
     not searched yet; the rows a key search finds are taken as they are."""
     dtypes = mapping.dtypes
     frames = {"a": a, "b": b}
-    keys = [f"key{i}" for i in range(len(mapping.merge))]
+    keys = _key_names(mapping)
 
     def series(values: Iterable[str] | pl.Series | None) -> pl.Series:
         return pl.Series("id", list(values if values is not None else []), dtype=pl.String)

@@ -117,6 +117,13 @@ class Whole:
     links_at_least: int = 0
 
 
+#: Up to this many records (both sides), a plan's queries run on polars' in-memory engine:
+#: its fixed costs are lower (an incremental plan of 2,000 records: 17 to 19 ms against 24
+#: to 28 ms), while the default engine is faster at a million a side (0.38 to 0.41 s
+#: against 0.45 s); at 100,000 a side they are even.
+IN_MEMORY_RECORDS = 200_000
+
+
 def _empty_ids(*names: str) -> pl.DataFrame:
     return pl.DataFrame(schema=dict.fromkeys(names, pl.String()))
 
@@ -151,6 +158,7 @@ def reconcile_flow(
     base_dtypes = {c.name: links.schema.get(f"base.{c.name}", c.dtype) for c in mapping.columns}
     held = whole.held if whole else {"a": live_count(a), "b": live_count(b)}
     scoped = a.height + b.height
+    engine = "in-memory" if scoped <= IN_MEMORY_RECORDS else "auto"
     a = a.rename({c: f"a.{c}" for c in a.columns if c != "id"}).rename({"id": "a_id"})
     b = b.rename({c: f"b.{c}" for c in b.columns if c != "id"}).rename({"id": "b_id"})
 
@@ -254,7 +262,7 @@ def reconcile_flow(
     ub = b.filter(~linked_rows["b"] & ~pl.col("b.deleted")).lazy()
     linked = linked.lazy()
     candidates = _candidates(mapping, ua, ub, pending_creates, options.rebuild_links)
-    candidates = candidates.collect().lazy()
+    candidates = candidates.collect(engine=engine).lazy()
     a_count = candidates.group_by("a_id").agg(pl.col("b_id").n_unique().alias("n"))
     b_count = candidates.group_by("b_id").agg(pl.col("a_id").n_unique().alias("n"))
     matched = candidates.join(a_count.filter(pl.col("n") == 1).select("a_id"), on="a_id").join(
@@ -401,7 +409,7 @@ def reconcile_flow(
     # -- three-way merge ---------------------------------------------------------------------------
     keys = mapping.key_columns
     merge = _merge_exprs(cols, options.priority, keys, options.clock_offsets)
-    pairs = pairs.with_columns(merge).with_columns(_final_exprs(cols)).collect().lazy()
+    pairs = pairs.with_columns(merge).with_columns(_final_exprs(cols)).collect(engine=engine).lazy()
     conflicts = pl.concat(
         [
             pairs.filter(pl.col(f"conflict.{c}")).select(
@@ -484,7 +492,8 @@ def reconcile_flow(
             failed,
             side_effects,
             copies,
-        ]
+        ],
+        engine=engine,
     )
     total = whole.links if whole else lambda: known.height
     at_least = whole.links_at_least if whole else known.height

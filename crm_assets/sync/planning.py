@@ -229,7 +229,12 @@ def plan_flow(
         at_least = links.height
     else:  # counted by the breaker, or as the last mark knew it
         at_least = count() if count.cache_info().currsize else whole.links_at_least
-    plan.mark = Mark.after(mapping, (a, b), started, plan.ambiguous, at_least, earlier).to_json()
+    after = Mark.after(mapping, (a, b), started, plan.ambiguous, at_least, earlier)
+    plan.mark = after.to_json()
+    if earlier is not None:  # with the groups outside its scope, as the last mark left them
+        whole_ambiguous = after.ambiguous_records(len(mapping.merge)).select(plan.ambiguous.columns)
+        plan.ambiguous = whole_ambiguous.cast(plan.ambiguous.schema)
+        plan.counts["ambiguous"] = plan.ambiguous.height
     if links.height or whole or options.rebuild_links or state.synced(mapping.name):
         return plan
     if plan.blocked and not mapping.merge:  # the breaker says what a first sync lacks
