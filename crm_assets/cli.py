@@ -110,7 +110,7 @@ def _records_setup(flow: str | None) -> tuple[Any, list[Any]]:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None, mappings  # no sync ran with this configuration: nothing recorded yet
     try:
-        return SyncState(url), mappings
+        return SyncState(url, settings.link_copies), mappings
     except StateUnavailable as exc:  # the exit code of crm_assets.headless.EXIT["state"]
         raise _CliError(str(exc), 10) from None
 

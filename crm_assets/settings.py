@@ -76,6 +76,11 @@ class Settings:
         """The data folder."""
         return Storage.at(self.data_url or self.data_dir)
 
+    @property
+    def link_copies(self) -> Path:
+        """Where the state's link copies are kept (local, whatever the state database)."""
+        return self.data_dir / "state-links"
+
     @classmethod
     def from_env(cls) -> Settings:
         data_dir = Path(env("CRM_SYNC_DATA_DIR")).resolve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -46,9 +47,10 @@ class SyncStorage(dg.ConfigurableResource):
 
     data_url: str
     state_url: str
+    link_copies: str = Field("", description="folder of the flows' link copies; empty: none")
 
     def state(self) -> SyncState:
-        return SyncState(self.state_url)
+        return SyncState(self.state_url, Path(self.link_copies) if self.link_copies else None)
 
     def data(self) -> Storage:
         """The data folder."""
@@ -96,7 +98,7 @@ def crm_resource(connector: Connector) -> CrmResource:
 
 
 def build_resources(
-    connectors: Iterable[Connector], data_url: str, state_url: str
+    connectors: Iterable[Connector], data_url: str, state_url: str, link_copies: Path
 ) -> dict[str, dg.ConfigurableResource]:
     """The resources of the connectors in use and the storage."""
     resources: dict[str, dg.ConfigurableResource] = {c.key: crm_resource(c) for c in connectors}
@@ -106,5 +108,6 @@ def build_resources(
         state_url=dg.EnvVar("CRM_SYNC_STATE_URL")
         if os.environ.get("CRM_SYNC_STATE_URL")
         else state_url,
+        link_copies=str(link_copies),
     )
     return resources

@@ -1,0 +1,99 @@
+"""Parquet copies of each flow's links, beside the state database.
+
+Loading every link of a flow from the database costs a pass over all its rows (900k
+links with their base values: 1.25 s from SQLite, 2.3 s from PostgreSQL, on 2 cores);
+its Parquet copy reads in 0.07 s. The database stays the only truth: each write of links
+takes the next number of a counter in the database and stamps it on the links it saves,
+so a copy made when the counter stood at ``n`` is brought up to date by the links stamped
+above ``n``. A copy is read only for the database it was made from (a random number
+drawn when that database was made) and never when it is newer than the counter (a
+database restored from a backup); anything that cannot be read is no copy at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+#: A copy is written again once the links written since it are this share of it: until
+#: then each load reads those few rows from the database (through an index) instead.
+REFRESH_SHARE = 0.02
+
+
+@dataclass(frozen=True)
+class LinkCopy:
+    """A flow's links as the database held them when its link counter stood at
+    ``generation``; ``layout``: the base columns it holds (``{}``: digests only)."""
+
+    frame: pl.DataFrame
+    generation: int
+    layout: dict[str, pl.DataType]
+
+
+def base_layout(frame: pl.DataFrame) -> dict[str, pl.DataType]:
+    """The base columns of links as :meth:`SyncState.links` gives them, by column name."""
+    return {
+        name.removeprefix("base."): dtype
+        for name, dtype in frame.schema.items()
+        if name.startswith("base.")
+    }
+
+
+class LinkCopies:
+    """The copies of one state database's flows, one Parquet file each in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, flow: str) -> Path:
+        return self.folder / f"{hashlib.sha256(flow.encode()).hexdigest()[:24]}.parquet"
+
+    def read(
+        self, flow: str, database: str, counter: int, columns: Mapping[str, pl.DataType]
+    ) -> LinkCopy | None:
+        """The flow's copy, if it is of ``database``, not newer than ``counter`` and holds
+        ``columns`` as they are typed (any copy when ``columns`` is empty)."""
+        path = self._path(flow)
+        try:
+            found = pl.read_parquet_metadata(path)
+            if (found.get("database"), found.get("flow")) != (database, flow):
+                return None
+            generation = int(found["generation"])
+            if generation > counter:
+                return None
+            frame = pl.read_parquet(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
+            log.warning("link copy %s not read (%s): loading from the database", path, exc)
+            return None
+        layout = base_layout(frame)
+        if columns and layout != dict(columns):
+            return None
+        return LinkCopy(frame, generation, layout)
+
+    def write(self, flow: str, database: str, generation: int, frame: pl.DataFrame) -> None:
+        """Keep ``frame`` as the flow's copy at ``generation`` (written aside, then moved
+        into place: a reader finds the old copy or the new one, whole). A folder that
+        cannot be written leaves loads to the database, with a warning."""
+        path = self._path(flow)
+        scratch = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        metadata = {"database": database, "flow": flow, "generation": str(generation)}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(scratch, compression="lz4", statistics=False, metadata=metadata)
+            scratch.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                scratch.unlink(missing_ok=True)
+            log.warning("link copy %s not written (%s): loads read the database", path, exc)
