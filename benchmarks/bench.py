@@ -172,6 +172,7 @@ def measure_incremental(
     if state_url is None:
         (workdir / f"state-{size}.db").unlink(missing_ok=True)
     shutil.rmtree(copies, ignore_errors=True)
+    folder = Storage.at(copies)
     save_state(state, mapping, SyncState(url))
     # the state as the first run finds it (no copy): the full plan and the incremental ones
     db = SyncState(url)
@@ -289,7 +290,7 @@ def measure_incremental(
     # the link copies, last: the 1,000 links saved here would otherwise fall inside the
     # window of links the incremental plans above check once more (``changed_since``)
     started = time.perf_counter()  # a first load: every row from the database, copy written
-    links = SyncState(url, copies).links(mapping.name, dtypes)
+    links = SyncState(url, folder).links(mapping.name, dtypes)
     cold_links_seconds = time.perf_counter() - started
     # a run's writes since: it saves the bases of the 1,000 pairs it wrote (unchanged values
     # here, so that the nightly plan below finds the state as generated)
@@ -298,11 +299,11 @@ def measure_incremental(
     saved = zip(written["a_id"], written["b_id"], bases.to_series().to_list(), strict=True)
     SyncState(url).save_links(mapping.name, saved, "run", columns=dtypes)
     started = time.perf_counter()  # the next run's load: the copy and the 1,000 written since
-    links = SyncState(url, copies).links(mapping.name, dtypes)
+    links = SyncState(url, folder).links(mapping.name, dtypes)
     links_seconds = time.perf_counter() - started
     del links, written, bases
     started = time.perf_counter()  # the next full plan (the nightly one): the links' copy
-    plan_flow(mapping, a, b, SyncState(url, copies), full=True)
+    plan_flow(mapping, a, b, SyncState(url, folder), full=True)
     full_copy_seconds = time.perf_counter() - started
     return {
         "size": size,

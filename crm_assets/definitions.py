@@ -89,9 +89,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         ],
         asset_checks=[circuit_breaker_check(m) for m in mappings],
         jobs=jobs,
-        resources=build_resources(
-            connectors.values(), settings.data().url, settings.state_url, settings.link_copies
-        ),
+        resources=build_resources(connectors.values(), settings.data().url, settings.state_url),
         # one process per run: a sync is a short chain of steps, and a subprocess per
         # step would cost more than the steps themselves (edit-to-visible latency)
         executor=dg.in_process_executor,

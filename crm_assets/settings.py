@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from crm_assets.connectors import CONNECTORS
+from crm_assets.engine.link_copies import COPIES_FOLDER
 from crm_assets.engine.storage import Storage
 
 #: The sync's own settings with their defaults (listed in the README).
@@ -77,9 +78,9 @@ class Settings:
         return Storage.at(self.data_url or self.data_dir)
 
     @property
-    def link_copies(self) -> Path:
-        """Where the state's link copies are kept (local, whatever the state database)."""
-        return self.data_dir / "state-links"
+    def link_copies(self) -> Storage:
+        """Where the state's link copies are kept: in the data folder, local or on S3."""
+        return self.data().child(COPIES_FOLDER)
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from crm_assets.engine import state as state_module
 from crm_assets.engine.link_copies import LinkCopies
 from crm_assets.engine.state import SyncState
+from crm_assets.engine.storage import Storage
 from crm_assets_tests.test_state_links import database_urls
 
 COLUMNS: dict[str, pl.DataType] = {"email": pl.String(), "count": pl.Int64()}
@@ -53,7 +54,7 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[S
     found = []
     for url in database_urls(tmp):
         copies = tmp / f"copies-{len(found)}"
-        found.append((SyncState(url), SyncState(url, copies), SyncState(url)))
+        found.append((SyncState(url), SyncState(url, Storage.at(copies)), SyncState(url)))
     yield found
     for states in found:
         for state in states:
@@ -110,24 +111,24 @@ def test_a_database_made_again_in_its_place_never_reads_the_old_ones_copies(
     """The state lost and a new one made at the same path (the copies folder beside it
     left as it was), or an older backup of it put back: each loads what it holds."""
     path, copies = tmp_path / "state.db", tmp_path / "state-links"
-    url = f"sqlite:///{path}"
-    old = SyncState(url, copies)
+    url, folder = f"sqlite:///{path}", Storage.at(copies)
+    old = SyncState(url, folder)
     old.save_links("f", [("a1", "b1", {"email": "old"})], "t", columns=COLUMNS)
     old.links("f", COLUMNS)
     old.dispose()
     shutil.copy(path, tmp_path / "backup.db")
     # the backup's copy is newer than it: links saved (and loaded) after the backup
-    later = SyncState(url, copies)
+    later = SyncState(url, folder)
     later.save_links("f", [("a2", "b2", {"email": "later"})], "t", columns=COLUMNS)
     assert later.links("f", COLUMNS).height == 2
     later.dispose()
     shutil.copy(tmp_path / "backup.db", path)
-    restored = SyncState(url, copies)
+    restored = SyncState(url, folder)
     assert restored.links("f", COLUMNS).get_column("a_id").to_list() == ["a1"]
     restored.dispose()
 
     path.unlink()
-    new = SyncState(url, copies)
+    new = SyncState(url, folder)
     assert any(copies.iterdir())  # the old database's copies are still there
     for n in (3, 4, 5):  # its counter past the old copy's: only the number tells them apart
         new.save_links("f", [(f"a{n}", f"b{n}", {"email": "new"})], "t", columns=COLUMNS)
@@ -140,7 +141,7 @@ def test_a_copy_that_cannot_be_read_or_written_leaves_loads_to_the_database(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "state-links"
-    state = SyncState(f"sqlite:///{tmp_path / 'state.db'}", folder)
+    state = SyncState(f"sqlite:///{tmp_path / 'state.db'}", Storage.at(folder))
     state.save_links("f", [("a1", "b1", {"email": "x", "count": 1})], "t", columns=COLUMNS)
     want = state.links("f", COLUMNS)
     (copy,) = folder.iterdir()

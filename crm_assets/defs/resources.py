@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from crm_assets.connector import ClientSettings, Connector, CrmClient
 from crm_assets.connectors import connector_by_key
+from crm_assets.engine.link_copies import COPIES_FOLDER
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.engine.storage import Storage
@@ -47,10 +47,13 @@ class SyncStorage(dg.ConfigurableResource):
 
     data_url: str
     state_url: str
-    link_copies: str = Field("", description="folder of the flows' link copies; empty: none")
+    link_copies: bool = Field(
+        True, description="keep each flow's links as a Parquet copy in the data folder"
+    )
 
     def state(self) -> SyncState:
-        return SyncState(self.state_url, Path(self.link_copies) if self.link_copies else None)
+        copies = self.data().child(COPIES_FOLDER) if self.link_copies else None
+        return SyncState(self.state_url, copies)
 
     def data(self) -> Storage:
         """The data folder."""
@@ -98,7 +101,7 @@ def crm_resource(connector: Connector) -> CrmResource:
 
 
 def build_resources(
-    connectors: Iterable[Connector], data_url: str, state_url: str, link_copies: Path
+    connectors: Iterable[Connector], data_url: str, state_url: str
 ) -> dict[str, dg.ConfigurableResource]:
     """The resources of the connectors in use and the storage."""
     resources: dict[str, dg.ConfigurableResource] = {c.key: crm_resource(c) for c in connectors}
@@ -108,6 +111,5 @@ def build_resources(
         state_url=dg.EnvVar("CRM_SYNC_STATE_URL")
         if os.environ.get("CRM_SYNC_STATE_URL")
         else state_url,
-        link_copies=str(link_copies),
     )
     return resources

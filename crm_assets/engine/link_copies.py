@@ -1,4 +1,4 @@
-"""Parquet copies of each flow's links, beside the state database.
+"""Parquet copies of each flow's links, in the data folder (local or on S3).
 
 Loading every link of a flow from the database costs a pass over all its rows (900k
 links with their base values: 1.25 s from SQLite, 2.3 s from PostgreSQL, on 2 cores);
@@ -7,23 +7,27 @@ takes the next number of a counter in the database and stamps it on the links it
 so a copy made when the counter stood at ``n`` is brought up to date by the links stamped
 above ``n``. A copy is read only for the database it was made from (a random number
 drawn when that database was made) and never when it is newer than the counter (a
-database restored from a backup); anything that cannot be read is no copy at all.
+database restored from a backup); anything that cannot be read is no copy at all. In
+the data folder, the copies follow it to S3 (``CRM_SYNC_DATA_URL``): a new run pod then
+loads them as the last pod left them, instead of every link from the database.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import logging
-import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import polars as pl
 
+from crm_assets.engine.storage import Storage, StorageError
+
 log = logging.getLogger(__name__)
+
+#: The data folder's folder of link copies.
+COPIES_FOLDER = "state-links"
 
 #: A copy is written again once the links written since it are this share of it: until
 #: then each load reads those few rows from the database (through an index) instead.
@@ -50,32 +54,37 @@ def base_layout(frame: pl.DataFrame) -> dict[str, pl.DataType]:
 
 
 class LinkCopies:
-    """The copies of one state database's flows, one Parquet file each in ``folder``."""
+    """The copies of one state database's flows, one Parquet object each in ``folder``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Storage) -> None:
         self.folder = folder
 
-    def _path(self, flow: str) -> Path:
-        return self.folder / f"{hashlib.sha256(flow.encode()).hexdigest()[:24]}.parquet"
+    @staticmethod
+    def name(flow: str) -> str:
+        """The object a flow's copy is kept in (flow names may hold any character)."""
+        return f"{hashlib.sha256(flow.encode()).hexdigest()[:24]}.parquet"
 
     def read(
         self, flow: str, database: str, counter: int, columns: Mapping[str, pl.DataType]
     ) -> LinkCopy | None:
         """The flow's copy, if it is of ``database``, not newer than ``counter`` and holds
         ``columns`` as they are typed (any copy when ``columns`` is empty)."""
-        path = self._path(flow)
+        name = self.name(flow)
         try:
-            found = pl.read_parquet_metadata(path)
+            data = self.folder.read_bytes(name)
+            if data is None:
+                return None
+            found = pl.read_parquet_metadata(io.BytesIO(data))
             if (found.get("database"), found.get("flow")) != (database, flow):
                 return None
             generation = int(found["generation"])
             if generation > counter:
                 return None
-            frame = pl.read_parquet(path)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
-            log.warning("link copy %s not read (%s): loading from the database", path, exc)
+            frame = pl.read_parquet(data)
+        except (StorageError, OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
+            log.warning(
+                "link copy %s not read (%s): loading from the database", self.folder.uri(name), exc
+            )
             return None
         layout = base_layout(frame)
         if columns and layout != dict(columns):
@@ -83,17 +92,14 @@ class LinkCopies:
         return LinkCopy(frame, generation, layout)
 
     def write(self, flow: str, database: str, generation: int, frame: pl.DataFrame) -> None:
-        """Keep ``frame`` as the flow's copy at ``generation`` (written aside, then moved
-        into place: a reader finds the old copy or the new one, whole). A folder that
-        cannot be written leaves loads to the database, with a warning."""
-        path = self._path(flow)
-        scratch = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        """Keep ``frame`` as the flow's copy at ``generation``, as one whole object (a
+        reader finds the old copy or the new one). A folder that cannot be written leaves
+        loads to the database, with a warning."""
+        name = self.name(flow)
         metadata = {"database": database, "flow": flow, "generation": str(generation)}
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            frame.write_parquet(scratch, compression="lz4", statistics=False, metadata=metadata)
-            scratch.replace(path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                scratch.unlink(missing_ok=True)
-            log.warning("link copy %s not written (%s): loads read the database", path, exc)
+            self.folder.write_parquet(frame, name, metadata=metadata, compression="lz4")
+        except (StorageError, OSError) as exc:
+            log.warning(
+                "link copy %s not written (%s): loads read the database", self.folder.uri(name), exc
+            )

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from crm_assets.engine.link_copies import REFRESH_SHARE, LinkCopies
+from crm_assets.engine.storage import Storage
 
 #: 2: links keep their base's digest (``base_hash``)
 #: 3: tombstoned links keep the side their record was deleted on (``deleted_side``)
@@ -548,9 +549,10 @@ ANALYZE_AFTER_LINKS = 10_000
 class SyncState:
     """The state of every flow, in one SQL database.
 
-    ``copies``: the folder of the flows' link copies (:mod:`link_copies`), if any."""
+    ``copies``: the folder of the flows' link copies (:mod:`link_copies`), if any: in
+    the data folder, so that they follow it to S3."""
 
-    def __init__(self, url: str, copies: Path | None = None) -> None:
+    def __init__(self, url: str, copies: Storage | None = None) -> None:
         try:
             if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from obstore.store import LocalStore, ObjectStore, S3Store
 
 if TYPE_CHECKING:
     from obstore.store import RetryConfig
+    from polars._typing import ParquetCompression
 
 #: What a failure to reach the data folder tells the operator to check.
 STORAGE_HINT = "check CRM_SYNC_DATA_URL and the AWS_* settings"
@@ -105,10 +106,14 @@ class Storage:
         return None if data is None else pl.read_parquet(io.BytesIO(data))
 
     def write_parquet(
-        self, frame: pl.DataFrame, *parts: str, metadata: dict[str, str] | None = None
+        self,
+        frame: pl.DataFrame,
+        *parts: str,
+        metadata: dict[str, str] | None = None,
+        compression: ParquetCompression = "zstd",
     ) -> None:
         buffer = io.BytesIO()
-        frame.write_parquet(buffer, metadata=metadata)
+        frame.write_parquet(buffer, compression=compression, metadata=metadata)
         self.write_bytes(buffer.getvalue(), *parts)
 
     def modified(self, *parts: str) -> float | None:
