@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from crm_assets.connectors import CONNECTORS
-from crm_assets.engine.link_copies import COPIES_FOLDER
+from crm_assets.engine.link_copies import copies_folder
 from crm_assets.engine.storage import Storage
 
 #: The sync's own settings with their defaults (listed in the README).
@@ -80,7 +80,7 @@ class Settings:
     @property
     def link_copies(self) -> Storage:
         """Where the state's link copies are kept: in the data folder, local or on S3."""
-        return self.data().child(COPIES_FOLDER)
+        return copies_folder(self.data())
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from crm_assets.connector import ClientSettings, Connector, CrmClient
 from crm_assets.connectors import connector_by_key
-from crm_assets.engine.link_copies import COPIES_FOLDER
+from crm_assets.engine.link_copies import copies_folder
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
 from crm_assets.engine.storage import Storage
@@ -52,7 +52,7 @@ class SyncStorage(dg.ConfigurableResource):
     )
 
     def state(self) -> SyncState:
-        copies = self.data().child(COPIES_FOLDER) if self.link_copies else None
+        copies = copies_folder(self.data()) if self.link_copies else None
         return SyncState(self.state_url, copies)
 
     def data(self) -> Storage:

@@ -26,8 +26,11 @@ from crm_assets.engine.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-#: The data folder's folder of link copies.
-COPIES_FOLDER = "state-links"
+
+def copies_folder(data: Storage) -> Storage:
+    """Where a data folder keeps the link copies (the CLI's and the resource's state)."""
+    return data.child("state-links")
+
 
 #: A copy is written again once the links written since it are this share of it: until
 #: then each load reads those few rows from the database (through an index) instead.

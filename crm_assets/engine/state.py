@@ -433,9 +433,9 @@ def _sqlite_links(
     """A flow's links from SQLite (all, those whose ``ids[0]`` column is one of ``ids[1]``,
     or those written after write ``since``) as ``(keys, bases)`` chunks, each one statement
     whose columns come back as a few long texts (JSON arrays; the bases as NDJSON lines, as
-    bytes: never decoded into a Python string), so no row ever becomes a Python object. A file's statements run at once
-    (:data:`SQLITE_READERS`), each in a read of its own, as the statements of one
-    connection were: a flow's links change only under its lease."""
+    bytes: never decoded into a Python string), so no row ever becomes a Python object. A
+    file's statements run at once (:data:`SQLITE_READERS`), each in a read of its own, as
+    the statements of one connection were: a flow's links change only under its lease."""
     if since is not None:
         statements = [(_SQLITE_LINKS_SINCE, {"since": since})]
     elif ids is None:
