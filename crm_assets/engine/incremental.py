@@ -215,17 +215,17 @@ class MappedSide:
         memory is given as it is)."""
         if self.kept is None:
             return self.fresh
-        return upsert_rows(self.kept.scan().select(columns), self.fresh.select(columns))
+        return upsert_rows(self.kept.columns(columns), self.fresh.select(columns))
 
     def whole_rows(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Every column of ``rows`` (some of :meth:`narrow`'s): a kept frame's few rows are
         decoded from it, not the million."""
         if self.kept is None:
             return rows
-        wanted = pl.col("id").is_in(rows.get_column("id").implode())
-        replaced = pl.col("id").is_in(self.fresh.get_column("id").implode())
-        kept = rows_where(self.kept.scan(), wanted & ~replaced)
-        return pl.concat([kept, rows_where(self.fresh, wanted)])
+        ids = rows.get_column("id")
+        fresh = rows_where(self.fresh, pl.col("id").is_in(ids.implode()))
+        kept = self.kept.rows_of(ids.filter(~ids.is_in(self.fresh.get_column("id").implode())))
+        return pl.concat([kept, fresh])
 
     def counts(self) -> dict[str, int]:
         """Its records (not deleted), conversion errors and unresolved references, reading
@@ -234,9 +234,13 @@ class MappedSide:
         kept = self.kept_counts
         if kept is None:
             gone = pl.col("id").is_in(self.fresh.get_column("id").implode())
-            scan = None if self.kept is None else self.kept.scan().select(_counted(~gone))
-            kept = {} if scan is None else scan.collect().row(0, named=True)
+            held = None if self.kept is None else self.kept.columns(COUNTED)
+            kept = {} if held is None else held.select(_counted(~gone)).row(0, named=True)
         return {k: int(v or 0) + int(kept.get(k) or 0) for k, v in total.items()}
+
+
+#: the mapped columns :func:`_counted` reads
+COUNTED = ["id", "deleted", "error", "unresolved"]
 
 
 def _counted(where: pl.Expr | None = None) -> list[pl.Expr]:
@@ -271,9 +275,11 @@ def remap_side(
         rows, height = fresh
         mapped = map_side(rows, mapping, side, refs)
         gone = pl.col("id").is_in(mapped.get_column("id").implode())
-        # one pass over the kept frame: the rows replaced, and the step's counts of the rest
-        found = kept.scan().select(gone.sum().alias("replaced"), *_counted(~gone))
-        counts = found.collect().row(0, named=True)
+        # one pass over the kept frame: the rows replaced, and the step's counts of the rest;
+        # the columns the plan finds its scope by are decoded with them (for its step)
+        held = kept.columns(list(dict.fromkeys([*COUNTED, *scope_columns(mapping)])))
+        found = held.select(gone.sum().alias("replaced"), *_counted(~gone))
+        counts = found.row(0, named=True)
         if kept.rows - counts.pop("replaced") + mapped.height == height:
             return MappedSide(mapped, kept, counts)
     return MappedSide(map_side(whole(), mapping, side, refs))

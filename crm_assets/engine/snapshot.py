@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -346,6 +348,15 @@ _FETCHED_AT = "__fetched_at"
 SLICED_ROWS = 12
 
 
+def rows_at(frame: pl.LazyFrame, rows: pl.Series, ids: pl.Series, id_field: str) -> pl.DataFrame:
+    """The rows of a stored frame at the positions ``rows`` (those of ``ids``): a slice each
+    when they are few (:data:`SLICED_ROWS`), else one filtered read."""
+    if rows.len() <= SLICED_ROWS:
+        slices = [frame.slice(row, 1) for row in rows.to_list()]
+        return pl.concat(pl.collect_all(slices)) if slices else frame.head(0).collect()
+    return frame.filter(pl.col(id_field).is_in(ids.implode())).collect()
+
+
 def _stored_rows(
     base: pl.LazyFrame,
     part: pl.DataFrame,
@@ -381,11 +392,8 @@ def _stored_rows(
     schema = base.collect_schema()
     if wanted.is_empty():
         read = pl.DataFrame(schema=schema)
-    elif wanted.height <= SLICED_ROWS:
-        slices = [base.slice(row, 1) for row in wanted.get_column(_ROW).to_list()]
-        read = pl.concat(pl.collect_all(slices))
     else:
-        read = base.filter(pl.col(id_field).is_in(wanted.get_column(id_field).implode())).collect()
+        read = rows_at(base, wanted.get_column(_ROW), wanted.get_column(id_field), id_field)
     padded = [
         pl.col(c) if c in rows.columns else pl.lit(None, dtype=dtype).alias(c)
         for c, dtype in schema.items()
@@ -643,6 +651,38 @@ class KeptFrame:
 
     def scan(self) -> pl.LazyFrame:
         return pl.scan_parquet(io.BytesIO(self.data))
+
+    def columns(self, names: list[str]) -> pl.DataFrame:
+        """Its ``names`` columns, decoded once a process: a run's steps share one (Dagster's
+        in-process executor), so the columns its mapped step decodes to count rows are
+        those its reconciled step finds its scope by. The frames a process read last are
+        held (:data:`DECODED_FRAMES`); a kept frame is never rewritten, so its key names
+        its contents."""
+        key = (self.path, len(self.data))
+        with _DECODED_LOCK:
+            held = _DECODED.pop(key, None)
+        missing = [c for c in names if held is None or c not in held.columns]
+        if missing:
+            decoded = self.scan().select(missing).collect()
+            held = decoded if held is None else held.hstack(decoded)
+        with _DECODED_LOCK:
+            _DECODED[key] = held
+            while len(_DECODED) > DECODED_FRAMES:
+                _DECODED.popitem(last=False)
+        return held.select(names)
+
+    def rows_of(self, ids: pl.Series) -> pl.DataFrame:
+        """Every column of its rows of ``ids``, found by the decoded id column: a few rows
+        cost a slice each, not every column of the million (:func:`rows_at`)."""
+        found = self.columns(["id"]).with_row_index(_ROW).filter(pl.col("id").is_in(ids.implode()))
+        return rows_at(self.scan(), found.get_column(_ROW), found.get_column("id"), "id")
+
+
+#: How many kept frames' decoded columns a process holds (:meth:`KeptFrame.columns`): each
+#: side of two flows.
+DECODED_FRAMES = 4
+_DECODED: OrderedDict[tuple[str, int], pl.DataFrame] = OrderedDict()
+_DECODED_LOCK = threading.Lock()
 
 
 #: How far back an incremental read reaches before the cursor (late commits, clock skew);
