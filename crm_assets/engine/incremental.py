@@ -230,28 +230,34 @@ class MappedSide:
     def counts(self) -> dict[str, int]:
         """Its records (not deleted), conversion errors and unresolved references, reading
         only those columns of the kept frame (none, when ``kept_counts`` has them)."""
-        total = self.fresh.select(_counted()).row(0, named=True)
+        total = _counted(self.fresh)
         kept = self.kept_counts
         if kept is None:
-            gone = pl.col("id").is_in(self.fresh.get_column("id").implode())
-            held = None if self.kept is None else self.kept.columns(COUNTED)
-            kept = {} if held is None else held.select(_counted(~gone)).row(0, named=True)
-        return {k: int(v or 0) + int(kept.get(k) or 0) for k, v in total.items()}
+            kept = {} if self.kept is None else _kept_counts(self.kept, self.fresh, [])[1]
+        return {k: v + kept.get(k, 0) for k, v in total.items()}
 
 
-#: the mapped columns :func:`_counted` reads
-COUNTED = ["id", "deleted", "error", "unresolved"]
+def _counted(frame: pl.DataFrame) -> dict[str, int]:
+    """The counts a mapped step reports (:meth:`MappedSide.counts`) of a frame's rows."""
+    counts = frame.select(
+        (~pl.col("deleted")).sum().alias("records"),
+        pl.col("error").is_not_null().sum().alias("conversion_errors"),
+        pl.col("unresolved").sum().alias("unresolved_references"),
+    )
+    return {k: int(v or 0) for k, v in counts.row(0, named=True).items()}
 
 
-def _counted(where: pl.Expr | None = None) -> list[pl.Expr]:
-    """The counts a mapped step reports (:meth:`MappedSide.counts`), of the rows ``where``
-    holds."""
-    where = pl.lit(True) if where is None else where
-    return [
-        (~pl.col("deleted") & where).sum().alias("records"),
-        (pl.col("error").is_not_null() & where).sum().alias("conversion_errors"),
-        (pl.col("unresolved") & where).sum().alias("unresolved_references"),
-    ]
+def _kept_counts(
+    kept: KeptFrame, fresh: pl.DataFrame, also: list[str]
+) -> tuple[int, dict[str, int]]:
+    """How many of a kept frame's rows ``fresh`` replaces, and the counts of the others:
+    the whole frame's less the replaced rows' (one filter, not a mask per count). ``also``:
+    columns decoded with the counted ones, for a later step of the run
+    (:meth:`KeptFrame.columns`)."""
+    held = kept.columns(list(dict.fromkeys(["id", "deleted", "error", "unresolved", *also])))
+    replaced = held.filter(pl.col("id").is_in(fresh.get_column("id").implode()))
+    gone = _counted(replaced)
+    return replaced.height, {k: v - gone[k] for k, v in _counted(held).items()}
 
 
 def remap_side(
@@ -274,13 +280,9 @@ def remap_side(
     if kept is not None and kept.rows and fresh is not None:
         rows, height = fresh
         mapped = map_side(rows, mapping, side, refs)
-        gone = pl.col("id").is_in(mapped.get_column("id").implode())
-        # one pass over the kept frame: the rows replaced, and the step's counts of the rest;
-        # the columns the plan finds its scope by are decoded with them (for its step)
-        held = kept.columns(list(dict.fromkeys([*COUNTED, *scope_columns(mapping)])))
-        found = held.select(gone.sum().alias("replaced"), *_counted(~gone))
-        counts = found.row(0, named=True)
-        if kept.rows - counts.pop("replaced") + mapped.height == height:
+        # the plan finds its scope by these columns: decoded now, with the counted ones
+        replaced, counts = _kept_counts(kept, mapped, scope_columns(mapping))
+        if kept.rows - replaced + mapped.height == height:
             return MappedSide(mapped, kept, counts)
     return MappedSide(map_side(whole(), mapping, side, refs))
 
