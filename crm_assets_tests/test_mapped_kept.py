@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.synthetic import contact_mapping, generate
+from crm_assets.engine import snapshot as snapshot_module
 from crm_assets.engine.incremental import scope_columns
 from crm_assets.engine.mapping import map_side
-from crm_assets.engine.snapshot import SEQ, SnapshotStore, merge_snapshot
+from crm_assets.engine.snapshot import SEQ, SnapshotStore, forget_decoded, merge_snapshot
 from crm_assets.engine.storage import Storage
 from crm_assets.sync import map_flow, mapped_sides
 from crm_assets.sync.files import FlowFiles
@@ -200,6 +201,53 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
                     "conversion_errors": whole.filter(pl.col("error").is_not_null()).height,
                     "unresolved_references": whole.filter(pl.col("unresolved")).height,
                 }
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["errors listed", "errors counted"])
+def test_a_run_counts_the_records_that_failed_to_read_as_a_whole_map_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listed: bool
+) -> None:
+    """A kept frame carries its counts and the ids of its records with an error; a run
+    that reads some of them again (one fixed, one failing now, one edited) reports the
+    counts a whole map gives, as does one whose frame had too many errors to list (its
+    error column is then counted). Its reconciled step, in the same process, reads the
+    scope columns the mapped step decoded."""
+    monkeypatch.setattr(snapshot_module, "KEPT_ERROR_IDS", 1_000 if listed else 0)
+    store = SnapshotStore(tmp_path)
+    refs = {"product_to_companies": PRODUCTS}
+    unreadable = pl.when(pl.int_range(pl.len()) < 5).then(pl.lit("unreadable: Phone"))
+    seeds = {"a": SEED["a"].with_columns(unreadable.alias("_error")), "b": SEED["b"]}
+    for side in "ab":
+        obj = MAPPING.side(side)
+        id_field, modified = FIELDS[side][:2]
+        frame = merge_snapshot(None, seeds[side], id_field, modified, False).frame
+        store.write(obj.system_key, obj.obj, frame, 0.0)
+    map_flow(MAPPING, store, refs)
+    id_field, modified, title = FIELDS["a"][:3]
+    later = pl.col(modified) + timedelta(minutes=1)
+    read = pl.concat(
+        [
+            seeds["a"].slice(0, 1).with_columns(later, pl.lit(None, pl.String).alias("_error")),
+            seeds["a"]
+            .slice(10, 1)
+            .with_columns(later, pl.lit("unreadable: Email").alias("_error")),
+            seeds["a"].slice(11, 1).with_columns(later, pl.lit("edited").alias(title)),
+        ]
+    )
+    obj = MAPPING.a
+    stored = store.open(obj.system_key, obj.obj)
+    store.merge(obj.system_key, obj.obj, stored, read, id_field, modified, False, 1.0)
+    forget_decoded()
+    a, _ = mapped_sides(MAPPING, store, refs)
+    whole = map_side(store.read(obj.system_key, obj.obj), MAPPING, "a", refs)
+    assert a.kept is not None and a.fresh.height == 3
+    assert a.counts() == {
+        "records": whole.filter(~pl.col("deleted")).height,
+        "conversion_errors": whole.filter(pl.col("error").is_not_null()).height,
+        "unresolved_references": whole.filter(pl.col("unresolved")).height,
+    }
+    assert whole.filter(pl.col("error").is_not_null()).height == 5  # 5 - 1 fixed + 1 failing
+    _same(a.narrow(COLUMNS).select(COLUMNS), whole.select(COLUMNS), "the scope columns")
 
 
 def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_read(

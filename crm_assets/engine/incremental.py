@@ -250,14 +250,21 @@ def _counted(frame: pl.DataFrame) -> dict[str, int]:
 def _kept_counts(
     kept: KeptFrame, fresh: pl.DataFrame, also: list[str]
 ) -> tuple[int, dict[str, int]]:
-    """How many of a kept frame's rows ``fresh`` replaces, and the counts of the others:
-    the whole frame's less the replaced rows' (one filter, not a mask per count). ``also``:
-    columns decoded with the counted ones, for a later step of the run
-    (:meth:`KeptFrame.columns`)."""
-    held = kept.columns(list(dict.fromkeys(["id", "deleted", "error", "unresolved", *also])))
+    """How many of a kept frame's rows ``fresh`` replaces, and the counts of the others: the
+    counts it was kept with less the replaced rows'. ``also``: columns decoded now for a
+    later step of the run (:meth:`KeptFrame.columns`)."""
+    errors = kept.error_ids
+    counted = ["id", "deleted", "unresolved"] + (["error"] if errors is None else [])
+    held = kept.columns(list(dict.fromkeys([*counted, *also])))
     replaced = held.filter(pl.col("id").is_in(fresh.get_column("id").implode()))
+    if errors is None:  # kept by an earlier release, or with many errors: counted whole
+        whole = _counted(held)
+    else:
+        whole = kept.counts or {}
+        error = pl.when(pl.col("id").is_in(errors)).then(pl.lit("")).alias("error")
+        replaced = replaced.with_columns(error)
     gone = _counted(replaced)
-    return replaced.height, {k: v - gone[k] for k, v in _counted(held).items()}
+    return replaced.height, {k: v - gone[k] for k, v in whole.items()}
 
 
 def remap_side(

@@ -605,8 +605,11 @@ class SnapshotStore:
         kept = KeptFrame.of(self.root.key(MAPPED, flow, side, name), data)
         return kept if kept.key == key else None
 
-    def keep_mapped(self, flow: str, side: str, frame: pl.DataFrame, key: str) -> KeptFrame:
-        """Keep a side's mapped frame for the next runs, with the key it is valid under.
+    def keep_mapped(
+        self, flow: str, side: str, frame: pl.DataFrame, key: str, counts: dict[str, int]
+    ) -> KeptFrame:
+        """Keep a side's mapped frame for the next runs, with the key it is valid under and
+        its ``counts`` (a run's step reports them without decoding the columns counted).
 
         Each kept frame is an object of its own that is never rewritten, so a run's
         mapped files can name it (a run planning meanwhile still reads the frame it
@@ -615,11 +618,11 @@ class SnapshotStore:
         seq = int(frame.get_column("seq").max() or 0) if frame.height else 0
         name = f"{seq}-{uuid.uuid4().hex[:12]}.parquet"
         buffer = io.BytesIO()
-        frame.write_parquet(
-            buffer,
-            metadata={"key": key, "seq": str(seq), "rows": str(frame.height)},
-            data_page_size=KEPT_PAGE_BYTES,
-        )
+        meta = {"key": key, "seq": str(seq), "rows": str(frame.height)}
+        if counts["conversion_errors"] <= KEPT_ERROR_IDS:
+            errors = frame.filter(pl.col("error").is_not_null()).get_column("id").to_list()
+            meta |= {"counts": json.dumps(counts), "error_ids": json.dumps(errors)}
+        frame.write_parquet(buffer, metadata=meta, data_page_size=KEPT_PAGE_BYTES)
         self.root.write_bytes(buffer.getvalue(), MAPPED, flow, side, name)
         self.root.write_text(name, MAPPED, flow, f"{side}.current")
         cutoff = time.time() - KEEP_MAPPED_SECONDS
@@ -627,9 +630,7 @@ class SnapshotStore:
         old = [k for k, at in folder.objects() if at < cutoff and not k.endswith(f"/{name}")]
         if old:
             folder.remove_keys(old)
-        return KeptFrame(
-            self.root.key(MAPPED, flow, side, name), seq, frame.height, buffer.getvalue(), key
-        )
+        return KeptFrame.of(self.root.key(MAPPED, flow, side, name), buffer.getvalue())
 
 
 @dataclass(frozen=True)
@@ -644,12 +645,21 @@ class KeptFrame:
     data: bytes
     #: what it depends on besides its snapshot (``mapped_key``)
     key: str | None = None
+    #: its counts as it was kept (:meth:`SnapshotStore.keep_mapped`) and the ids of its
+    #: rows with a conversion error: ``None`` with more than :data:`KEPT_ERROR_IDS`, or in
+    #: a frame an earlier release kept (their columns are then counted)
+    counts: dict[str, int] | None = None
+    error_ids: list[str] | None = None
 
     @classmethod
     def of(cls, path: str, data: bytes) -> KeptFrame:
         """The kept frame stored at ``path`` as ``data``."""
         meta = pl.read_parquet_metadata(io.BytesIO(data))
-        return cls(path, int(meta["seq"]), int(meta["rows"]), data, meta.get("key"))
+        counts, errors = (
+            json.loads(meta[k]) if k in meta else None for k in ("counts", "error_ids")
+        )
+        key = meta.get("key")
+        return cls(path, int(meta["seq"]), int(meta["rows"]), data, key, counts, errors)
 
     def scan(self) -> pl.LazyFrame:
         return pl.scan_parquet(io.BytesIO(self.data))
@@ -684,6 +694,9 @@ class KeptFrame:
 #: pages holding it, one per column (10 rows of a million: 9 ms, against 23 ms with
 #: polars' default pages of 1 MB; decoding 7 columns whole, 27 against 25 ms)
 KEPT_PAGE_BYTES = 65_536
+#: A kept frame lists the ids of its rows with a conversion error up to this many (more,
+#: and a run counts them in its ``error`` column)
+KEPT_ERROR_IDS = 1_000
 #: How many kept frames' decoded columns a process holds (:meth:`KeptFrame.columns`): each
 #: side of two flows.
 DECODED_FRAMES = 4

@@ -148,7 +148,9 @@ def mapped_sides(
         rows = mapped.fresh.height
         if rows and (mapped.kept is None or rows >= KEEP_AFTER_ROWS):
             frame = mapped.frame()
-            mapped = MappedSide(frame.clear(), store.keep_mapped(mapping.name, side, frame, key))
+            counts = MappedSide(frame).counts()
+            kept_frame = store.keep_mapped(mapping.name, side, frame, key, counts)
+            mapped = MappedSide(frame.clear(), kept_frame, counts)
         sides.append(mapped)
     return sides[0], sides[1]
 
