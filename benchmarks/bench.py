@@ -194,12 +194,11 @@ def measure_incremental(
     full, full_times, (a, b, full_plan) = median_time(full_run, FULL_REPEATS)
     db.mark_synced(mapping.name, "benchmark-full", full_plan.mark)
 
-    def read_again(n_a: int, n_b: int, offset: int = 0, engine: bool = True) -> dict[str, Any]:
-        """``n_a``/``n_b`` records edited since the mark (spread over the state, from row
-        ``offset``): map them into the last mapped frames and plan (``engine``); the same
-        decisions as a full plan, which are returned for the assets' plan of the read."""
+    def pick(n_a: int, n_b: int, offset: int) -> dict[str, Any]:
+        """``n_a``/``n_b`` records edited since the mark, spread over the state from row
+        ``offset`` (read since the mark: ``seq`` 1)."""
         title = next(c for c in mapping.columns if c.a_field == "Title")
-        picked = {
+        return {
             side: frame.slice(offset)
             .gather_every(max(1, frame.height // max(n, 1)))
             .head(n)
@@ -211,17 +210,39 @@ def measure_incremental(
             for side, frame, n in (("a", state.a, n_a), ("b", state.b, n_b))
         }
 
-        def incremental_run() -> tuple[Any, Any, Any]:
-            now_a = upsert_rows(a, map_side(picked["a"], mapping, "a", refs))
-            now_b = upsert_rows(b, map_side(picked["b"], mapping, "b", refs))
-            return now_a, now_b, plan_flow(mapping, now_a, now_b, db)
+    def read_into(frames: tuple[Any, Any], picked: dict[str, Any]) -> tuple[Any, Any]:
+        """The mapped frames with the records read again mapped into them."""
+        return tuple(
+            upsert_rows(frame, map_side(picked[side], mapping, side, refs))
+            for side, frame in zip(("a", "b"), frames, strict=True)
+        )
 
-        if not engine:  # a full plan of the same read only, for the assets' plan of it
-            return {"picked": picked, **decisions(*incremental_run()[:2])}
-        seconds, times, (now_a, now_b, plan) = median_time(incremental_run, PLAN_REPEATS)
+    def decisions(frames: tuple[Any, Any], picked: dict[str, Any]) -> dict[str, Any]:
+        """A full plan's decisions of the ``picked`` records in ``frames``, and how to take
+        the same from another plan."""
+        touched = {
+            *picked["a"].get_column(mapping.a.id_field).cast(pl.String).to_list(),
+            *picked["b"].get_column(mapping.b.id_field).cast(pl.String).to_list(),
+        }
+
+        def mine(p: Any) -> set[tuple[Any, ...]]:
+            return {r for r in plan_signature(p)["pairs"] if r[0] in touched or r[1] in touched}
+
+        return {"mine": mine, "expected": mine(plan_flow(mapping, *frames, db, full=True))}
+
+    def read_again(n_a: int, n_b: int, offset: int = 0) -> dict[str, Any]:
+        """Edits read since the full plan's mark (:func:`pick`) mapped into its frames and
+        planned, as the reconciled asset plans them; the same decisions as a full plan."""
+        picked = pick(n_a, n_b, offset)
+
+        def incremental_run() -> tuple[Any, Any]:
+            now = read_into((a, b), picked)
+            return now, plan_flow(mapping, *now, db)
+
+        seconds, times, (now, plan) = median_time(incremental_run, PLAN_REPEATS)
         if plan.scope != "incremental":
             raise AssertionError(f"expected an incremental plan, got {plan.scope}")
-        found = decisions(now_a, now_b)
+        found = decisions(now, picked)
         if found["mine"](plan) != found["expected"]:
             raise AssertionError(f"incremental plan differs from the full one ({n_a}/{n_b})")
         return {
@@ -230,26 +251,15 @@ def measure_incremental(
             "scoped_records": plan.scoped_records,
             "pairs": plan.pairs.height,
             "picked": picked,
-            **found,
         }
 
-    def decisions(now_a: Any, now_b: Any) -> dict[str, Any]:
-        """The full plan's decisions of the records read again (those ``seq`` marks)."""
-        touched = {
-            *now_a.filter(pl.col("seq") == 1).get_column("id").to_list(),
-            *now_b.filter(pl.col("seq") == 1).get_column("id").to_list(),
-        }
-
-        def mine(p: Any) -> set[tuple[Any, ...]]:
-            return {r for r in plan_signature(p)["pairs"] if r[0] in touched or r[1] in touched}
-
-        return {"mine": mine, "expected": mine(plan_flow(mapping, now_a, now_b, db, full=True))}
-
-    def as_the_assets_do(read: dict[str, Any], run: str) -> tuple[dict[str, float], Any]:
-        """What the assets do with the same read, through the functions they call: the
-        snapshot step merges it into each side's stored snapshot (its delta), the mapped
-        step maps what was read since its kept frames and saves the run's frames, the
-        reconciled step loads them and plans. Their times, and the plan."""
+    def as_the_assets_do(
+        picked: dict[str, Any], expected: dict[str, Any], run: str
+    ) -> tuple[dict[str, float], Any]:
+        """What the assets do with a read, through the functions they call: the snapshot
+        step merges it into each side's stored snapshot (its delta), the mapped step maps
+        what was read since its kept frames and saves the run's frames, the reconciled step
+        loads them and plans (the ``expected`` decisions). Their times, and the plan."""
         steps = {}
         forget_decoded()  # a run starts in a process of its own (Dagster's run launcher)
         # a read also returns the newest stored record again, unchanged (the overlap window)
@@ -258,7 +268,7 @@ def measure_incremental(
             obj = mapping.side(side)
             snapshot = store.read(obj.system_key, obj.obj)
             newest = snapshot.sort(obj.modified_field, obj.id_field).tail(1).drop(SEQ)
-            again[side] = pl.concat([read["picked"][side].drop(SEQ), newest])
+            again[side] = pl.concat([picked[side].drop(SEQ), newest])
         begun = time.perf_counter()
         for side in ("a", "b"):
             obj = mapping.side(side)
@@ -285,8 +295,10 @@ def measure_incremental(
         begun = time.perf_counter()
         asset_plan = plan_flow(mapping, *files.mapped_sides(), SyncState(url, data_copies))
         steps["reconciled"] = time.perf_counter() - begun
-        if asset_plan.scope != "incremental" or read["mine"](asset_plan) != read["expected"]:
-            raise AssertionError(f"the assets' incremental plan differs ({run})")
+        got = expected["mine"](asset_plan)
+        if asset_plan.scope != "incremental" or got != expected["expected"]:
+            differ = sorted(got ^ expected["expected"], key=str)[:6]
+            raise AssertionError(f"the assets' incremental plan differs ({run}): {differ}")
         return steps, asset_plan
 
     # the data folder as an earlier run left it: both snapshots, the mapped frames it kept,
@@ -304,13 +316,17 @@ def measure_incremental(
     bulk = read_again(changes, 0)
     sensor = read_again(10, 10, offset=1)  # other records than the bulk's
     # the same reads as the assets do them: the bulk's run, confirmed (its mark saved, as a
-    # run's writes do), then sensor runs of 10 + 10 other edits each, each confirmed too
-    _, last_plan = as_the_assets_do(bulk, "bulk")
+    # run's writes do), then sensor runs of 10 + 10 other edits each, each confirmed too.
+    # Nothing is written back, so each run's decisions are those of a full plan over every
+    # read so far (an earlier run's edit may be linked to this one's).
+    world = read_into((a, b), bulk["picked"])
+    _, last_plan = as_the_assets_do(bulk["picked"], decisions(world, bulk["picked"]), "bulk")
     sensor_runs = []
     for run in range(STEPS_REPEATS):
         db.mark_synced(mapping.name, f"benchmark-{run}", last_plan.mark)
-        read = sensor if run == 0 else read_again(10, 10, offset=1 + run, engine=False)
-        steps, last_plan = as_the_assets_do(read, f"sensor-{run}")
+        picked = sensor["picked"] if run == 0 else pick(10, 10, 1 + run)
+        world = read_into(world, picked)
+        steps, last_plan = as_the_assets_do(picked, decisions(world, picked), f"sensor-{run}")
         sensor_runs.append((sum(steps.values()), steps, last_plan.scoped_records))
     sensor_runs.sort(key=lambda r: r[0])
     sensor_asset_seconds, sensor_steps, sensor_asset_scope = sensor_runs[len(sensor_runs) // 2]
