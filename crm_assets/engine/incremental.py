@@ -253,14 +253,15 @@ def _kept_counts(
     """How many of a kept frame's rows ``fresh`` replaces, and the counts of the others: the
     counts it was kept with less the replaced rows'. ``also``: columns decoded now for a
     later step of the run (:meth:`KeptFrame.columns`)."""
-    errors = kept.error_ids
-    counted = ["id", "deleted", "unresolved"] + (["error"] if errors is None else [])
+    errors, whole = kept.error_ids, kept.counts
+    counted = ["id", "deleted", "unresolved"]
+    if errors is None or whole is None:  # an earlier release's frame, or many errors
+        counted.append("error")
     held = kept.columns(list(dict.fromkeys([*counted, *also])))
     replaced = held.filter(pl.col("id").is_in(fresh.get_column("id").implode()))
-    if errors is None:  # kept by an earlier release, or with many errors: counted whole
+    if errors is None or whole is None:
         whole = _counted(held)
     else:
-        whole = kept.counts or {}
         error = pl.when(pl.col("id").is_in(errors)).then(pl.lit("")).alias("error")
         replaced = replaced.with_columns(error)
     gone = _counted(replaced)
