@@ -328,8 +328,7 @@ def measure_incremental(
         world = read_into(world, picked)
         steps, last_plan = as_the_assets_do(picked, decisions(world, picked), f"sensor-{run}")
         sensor_runs.append((sum(steps.values()), steps, last_plan.scoped_records))
-    sensor_runs.sort(key=lambda r: r[0])
-    sensor_asset_seconds, sensor_steps, sensor_asset_scope = sensor_runs[len(sensor_runs) // 2]
+    sensor_asset_seconds, sensor_steps, sensor_asset_scope = middle(sensor_runs, lambda r: r[0])
     # the run's steps after its writes: the verified step's checks (over the snapshots as
     # read here; the step reads both CRMs again first) and the unlinked step's table from them
     begun = time.perf_counter()
@@ -401,8 +400,13 @@ def _median_child(
 ) -> dict[str, Any]:
     """The reconcile child run ``times`` times, each in a fresh process (as a run's): the
     run whose ``key`` is the median, with every run's (``all``)."""
-    runs = sorted((_child("reconcile", **kwargs) for _ in range(times)), key=key)
-    return {**runs[len(runs) // 2], "all": [key(r) for r in runs]}
+    runs = [_child("reconcile", **kwargs) for _ in range(times)]
+    return {**middle(runs, key), "all": sorted(key(r) for r in runs)}
+
+
+def middle(items: list[Any], key: Callable[[Any], float]) -> Any:
+    """The item whose ``key`` is the median (the upper one of an even count)."""
+    return sorted(items, key=key)[len(items) // 2]
 
 
 def _map_reconcile(run: dict[str, Any]) -> float:
