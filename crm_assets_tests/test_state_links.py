@@ -23,7 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crm_assets.engine import state as state_module
-from crm_assets.engine.state import ANALYZE_AFTER_LINKS, SyncState, values_digest
+from crm_assets.engine.state import (
+    ANALYZE_AFTER_LINKS,
+    StateUnavailable,
+    SyncState,
+    values_digest,
+)
 
 COLUMNS: dict[str, pl.DataType] = {
     "email": pl.String(),
@@ -163,6 +168,26 @@ def test_syncs_started_together_on_a_new_state_database_all_open_it(
     state = SyncState(url)
     assert state.synced("any") is False  # the schema is whole
     state.dispose()
+
+
+def test_a_state_database_a_newer_release_migrated_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Opening a state skips the schema checks its last migration made; a newer release's
+    migration is still seen, and refused with what to do, before anything is read."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    SyncState(url).dispose()
+    SyncState(url).dispose()  # opened again: the checks skipped
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # what a release of the next schema leaves
+        conn.execute(sa.text("UPDATE schema_version SET version = version + 1"))
+        conn.execute(sa.text("UPDATE counters SET value = value + 1 WHERE name = 'schema'"))
+    engine.dispose()
+    with pytest.raises(StateUnavailable) as refused:
+        SyncState(url)
+    message = str(refused.value)
+    assert "newer than this release" in message and "CRM_SYNC_STATE_URL" in message
+    assert "\n" not in message
 
 
 def fresh_postgres_database(url: str) -> str:

@@ -11,18 +11,19 @@ through ADBC) and their bases decode as one NDJSON document, in parallel.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
 import statistics
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import polars as pl
 import sqlalchemy as sa
@@ -189,6 +190,21 @@ cursors = sa.Table(
 )
 
 
+def schema_fingerprint() -> int:
+    """A number that changes with the schema version and with any table, column or index
+    of :data:`metadata`: the ``schema`` counter a migration leaves, so that a state opened
+    again skips checking what the last migration made (:meth:`SyncState.migrate`)."""
+    dialect = sqlite.dialect()
+    ddl = [f"version {SCHEMA_VERSION}"]
+    for table in metadata.sorted_tables:
+        ddl.append(str(sa.schema.CreateTable(table).compile(dialect=dialect)))
+        ddl += sorted(str(sa.schema.CreateIndex(i).compile(dialect=dialect)) for i in table.indexes)
+    return int.from_bytes(hashlib.sha256("\n".join(ddl).encode()).digest()[:8]) >> 1
+
+
+SCHEMA_FINGERPRINT = schema_fingerprint()
+
+
 #: ``Date`` headers have whole seconds: an offset within this is noise, read as none, so
 #: that it never reorders edits made less than a second apart on a host in step.
 CLOCK_RESOLUTION_SECONDS = 2.0
@@ -292,20 +308,46 @@ def _link_query(flow: str, with_base: bool) -> tuple[sa.Select, dict[str, pl.Dat
     return query, schema
 
 
+#: Idle ADBC connections kept per database (:class:`ArrowConnections`); more are closed.
+ARROW_IDLE = 4
+
+
 class ArrowConnections:
     """ADBC (Arrow) connections to a PostgreSQL state, each kept open for the next query:
-    opening one costs about 80 ms (the driver reads the server's type catalogue), and a
-    plan asks several queries. They run in autocommit, so an idle one holds no snapshot.
+    opening one costs 50 to 80 ms (the driver reads the server's type catalogue), a plan
+    asks several queries, and each step of a run opens the state anew, so they are kept
+    per database for the process (:meth:`of`), up to :data:`ARROW_IDLE` idle. They run in
+    autocommit, so an idle one holds no snapshot.
 
     Not for SQLite: its ADBC driver links a second SQLite library into the process, and
     two SQLite libraries on one file do not see each other's locks (sqlite.org, "How To
     Corrupt"); tried, it failed with "disk I/O error". SQLite has :func:`_sqlite_links`."""
 
-    def __init__(self, url: sa.URL) -> None:
-        self._uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    _kept: ClassVar[dict[str, ArrowConnections]] = {}
+    _kept_lock = threading.Lock()
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+
+    @classmethod
+    def of(cls, url: sa.URL) -> ArrowConnections:
+        """The process's connections to the database at ``url``."""
+        uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with cls._kept_lock:
+            if uri not in cls._kept:
+                cls._kept[uri] = cls(uri)
+            return cls._kept[uri]
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Close every database's idle connections (the process's end)."""
+        with cls._kept_lock:
+            kept = list(cls._kept.values())
+        for connections in kept:
+            connections.close()
 
     def _take(self) -> Any | None:
         with self._lock:
@@ -335,16 +377,22 @@ class ArrowConnections:
             conn.close()
             raise
         with self._lock:
-            self._idle.append(conn)
+            keep = len(self._idle) < ARROW_IDLE
+            if keep:
+                self._idle.append(conn)
+        if not keep:
+            conn.close()
         return found
 
     def close(self) -> None:
-        """Close the kept connections (a state object's end)."""
+        """Close the idle connections (a state's ``dispose``, the process's end)."""
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle if self._pid == os.getpid() else ():
             conn.close()
 
+
+atexit.register(ArrowConnections.close_all)
 
 #: How a query is written for the ADBC PostgreSQL driver (numbered placeholders).
 ADBC_DIALECT = postgresql.dialect(paramstyle="numeric_dollar")
@@ -560,12 +608,10 @@ class SyncState:
         except (OSError, sa.exc.ArgumentError) as exc:
             raise _unavailable(url, exc) from None
         self._arrow = (
-            ArrowConnections(self.engine.url)
+            ArrowConnections.of(self.engine.url)
             if self.engine.url.get_backend_name() == "postgresql"
             else None
         )
-        if self._arrow is not None:  # closed when the state object goes, if not before
-            weakref.finalize(self, self._arrow.close)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._unanalyzed = 0  # links saved since this object last refreshed the statistics
@@ -587,7 +633,20 @@ class SyncState:
                     raise _unavailable(url, exc) from None
                 time.sleep(0.05 * (attempt + 1))
 
+    def _schema_current(self) -> bool:
+        """Whether the database already holds this program's schema, by the one row its
+        last migration left (:func:`schema_fingerprint`): checking each table, column and
+        index costs 30 to 50 ms on PostgreSQL, and every step of a run opens the state."""
+        query = sa.select(counters.c.value).where(counters.c.name == "schema")
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(query).scalar() == SCHEMA_FINGERPRINT
+        except sa.exc.DBAPIError:  # no counters table yet, or no database: migrate says why
+            return False
+
     def _migrate(self) -> None:
+        if self._schema_current():
+            return
         with self.engine.begin() as conn:
             metadata.create_all(conn)
             found_columns = {c["name"] for c in sa.inspect(conn).get_columns("links")}
@@ -607,8 +666,11 @@ class SyncState:
             if found is None:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
             elif found > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"state database schema {found} is newer than this program ({SCHEMA_VERSION})"
+                shown = self.engine.url.render_as_string(hide_password=True)
+                raise StateUnavailable(
+                    f"the state database {shown} has schema {found}, newer than this "
+                    f"release's {SCHEMA_VERSION}: a newer crm_assets migrated it (install "
+                    f"that release, or set CRM_SYNC_STATE_URL to another database)"
                 )
             elif found < SCHEMA_VERSION:
                 # a program of schema 1 would save bases without their digests: it stops here
@@ -616,6 +678,8 @@ class SyncState:
                 # links its programs wrote carry no write number: no copy made before is read
                 renumber = counters.update().where(counters.c.name == "database")
                 conn.execute(renumber.values(value=drawn))
+            fingerprint = {"name": "schema", "value": SCHEMA_FINGERPRINT}
+            self._upsert(conn, counters, [fingerprint], ("name",))
 
     def dispose(self) -> None:
         self.engine.dispose()
