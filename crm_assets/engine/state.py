@@ -594,6 +594,25 @@ def _unavailable(url: str, exc: BaseException) -> StateUnavailable:
 ANALYZE_AFTER_LINKS = 10_000
 
 
+_server_engines: dict[tuple[int, str], sa.Engine] = {}
+_server_engines_lock = threading.Lock()
+
+
+def _engine(url: str) -> sa.Engine:
+    """The engine of a state database. A server's (PostgreSQL) is kept for the process,
+    as SQLAlchemy advises: a new one connects and asks the server about itself, about
+    10 ms that each step of a run paid again; its pool checks a connection before
+    lending it, so a server restarted since costs no failed run. A SQLite file's is new
+    each time: a kept one would go on reading a database file deleted since."""
+    if sa.make_url(url).get_backend_name() == "sqlite":
+        return sa.create_engine(url)
+    key = (os.getpid(), url)  # a forked process does not share its parent's sockets
+    with _server_engines_lock:
+        if key not in _server_engines:
+            _server_engines[key] = sa.create_engine(url, pool_pre_ping=True)
+        return _server_engines[key]
+
+
 class SyncState:
     """The state of every flow, in one SQL database.
 
@@ -604,7 +623,7 @@ class SyncState:
         try:
             if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(url)
+            self.engine = _engine(url)
         except (OSError, sa.exc.ArgumentError) as exc:
             raise _unavailable(url, exc) from None
         self._arrow = (
