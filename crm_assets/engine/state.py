@@ -12,6 +12,7 @@ through ADBC) and their bases decode as one NDJSON document, in parallel.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -190,6 +191,7 @@ cursors = sa.Table(
 )
 
 
+@functools.cache
 def schema_fingerprint() -> int:
     """A number that changes with the schema version and with any table, column or index
     of :data:`metadata`: the ``schema`` counter a migration leaves, so that a state opened
@@ -200,9 +202,6 @@ def schema_fingerprint() -> int:
         ddl.append(str(sa.schema.CreateTable(table).compile(dialect=dialect)))
         ddl += sorted(str(sa.schema.CreateIndex(i).compile(dialect=dialect)) for i in table.indexes)
     return int.from_bytes(hashlib.sha256("\n".join(ddl).encode()).digest()[:8]) >> 1
-
-
-SCHEMA_FINGERPRINT = schema_fingerprint()
 
 
 #: ``Date`` headers have whole seconds: an offset within this is noise, read as none, so
@@ -659,7 +658,7 @@ class SyncState:
         query = sa.select(counters.c.value).where(counters.c.name == "schema")
         try:
             with self.engine.connect() as conn:
-                return conn.execute(query).scalar() == SCHEMA_FINGERPRINT
+                return conn.execute(query).scalar() == schema_fingerprint()
         except sa.exc.DBAPIError:  # no counters table yet, or no database: migrate says why
             return False
 
@@ -697,7 +696,7 @@ class SyncState:
                 # links its programs wrote carry no write number: no copy made before is read
                 renumber = counters.update().where(counters.c.name == "database")
                 conn.execute(renumber.values(value=drawn))
-            fingerprint = {"name": "schema", "value": SCHEMA_FINGERPRINT}
+            fingerprint = {"name": "schema", "value": schema_fingerprint()}
             self._upsert(conn, counters, [fingerprint], ("name",))
 
     def dispose(self) -> None:
