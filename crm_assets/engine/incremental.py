@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -310,11 +310,21 @@ def scope_columns(mapping: FlowMapping) -> list[str]:
     return ["id", "seq", "deleted", "unresolved", *_key_names(mapping), *refs]
 
 
+@dataclass(frozen=True)
+class Changed:
+    """The ids of each side an incremental plan starts from, and the mapped rows of those
+    :func:`changed_since` found by scanning the frames (the scope's search starts from
+    them instead of looking them up again)."""
+
+    ids: dict[str, pl.Series]
+    rows: dict[str, pl.DataFrame]
+
+
 def changed_since(
     mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, state: SyncState, mark: Mark
-) -> tuple[pl.Series, pl.Series] | None:
-    """The ids of each side an incremental plan starts from, or ``None`` when a full plan
-    is right (a snapshot older than the mark: it was made anew or replaced) or faster
+) -> Changed | None:
+    """The records of each side an incremental plan starts from, or ``None`` when a full
+    plan is right (a snapshot older than the mark: it was made anew or replaced) or faster
     (:data:`FULL_PLAN_SHARE`).
 
     Besides the records read since the mark: the records of links written since, those
@@ -347,7 +357,7 @@ def changed_since(
     pending = state.pending_creates(mapping.name)
     for side, source_id in pending.select("side", "source_id").iter_rows():
         extra[other(side)].append(source_id)
-    ids = {}
+    ids, rows = {}, {}
     for side, frame in frames.items():
         since_mark = pl.col("seq") > getattr(mark, side)
         waiting = pl.col("unresolved") | pl.any_horizontal(
@@ -361,11 +371,9 @@ def changed_since(
             ]
             or [pl.lit(False)]
         )
+        rows[side] = rows_where(frame, since_mark | waiting)
         ids[side] = pl.concat(
-            [
-                rows_where(frame, since_mark | waiting).get_column("id"),
-                pl.Series("id", extra[side], pl.String),
-            ]
+            [rows[side].get_column("id"), pl.Series("id", extra[side], pl.String)]
         )
     # the ambiguous groups these touch (all of them, while a lost create's twin may join
     # one by its other values: ``pending``)
@@ -378,7 +386,7 @@ def changed_since(
         and ids["a"].len() + ids["b"].len() > FULL_PLAN_SHARE * records
     ):
         return None
-    return ids["a"], ids["b"]
+    return Changed(ids, rows)
 
 
 @dataclass(frozen=True)
@@ -408,79 +416,64 @@ def upsert_rows(frame: pl.DataFrame | pl.LazyFrame, changed: pl.DataFrame) -> pl
 
 
 def changed_scope(
-    mapping: FlowMapping,
-    a: pl.DataFrame,
-    b: pl.DataFrame,
-    state: SyncState,
-    changed_a: Iterable[str] | pl.Series | None,
-    changed_b: Iterable[str] | pl.Series | None,
-    max_rounds: int = 10,
+    mapping: FlowMapping, a: pl.DataFrame, b: pl.DataFrame, state: SyncState, changed: Changed
 ) -> Scope:
-    """The records and links a reconcile of the changed records needs (see the module doc).
+    """The records and links a reconcile of the changed records needs (see the module doc):
+    the closure of the changed records under their links and shared merge-key values.
 
-    Each pass over a million-row frame costs milliseconds, so only what is new is looked
-    up: rows of ids not fetched yet, links of ids not asked for yet, and merge-key values
-    not searched yet; the rows a key search finds are taken as they are."""
+    Each pass over a million-row frame costs milliseconds, so one pass per side takes in
+    both what the links read last name and the records sharing a key value with those
+    taken in last; only what is new is looked up (ids not sought yet, links of ids not
+    asked for yet, key values not searched yet). An id no frame holds (a record the
+    last run created, not read yet) is sought once, not in every pass."""
     dtypes = mapping.dtypes
     frames = {"a": a, "b": b}
     keys = _key_names(mapping)
-
-    def series(values: Iterable[str] | pl.Series | None) -> pl.Series:
-        return pl.Series("id", list(values if values is not None else []), dtype=pl.String)
+    none = pl.Series("id", [], pl.String)
 
     def outside(values: pl.Series, known: pl.Series) -> pl.Series:
         return values.filter(~values.is_in(known.implode())).unique()
 
-    wanted = {"a": series(changed_a), "b": series(changed_b)}
-    asked = {side: series(None) for side in frames}  # ids whose links were read
-    rows = {side: frame.clear() for side, frame in frames.items()}
+    wanted = dict(changed.ids)
+    rows = {side: changed.rows[side] for side in SIDES}
+    sought = {side: rows[side].get_column("id") for side in SIDES}  # ids looked up by id
+    asked = {side: none for side in SIDES}  # ids whose links were read
     searched = {key: a.get_column(key).clear() for key in keys}
-    links = state.links_for(mapping.name, dtypes, series(None), series(None))
-    for _ in range(max_rounds):
-        ask = {side: outside(wanted[side], asked[side]) for side in frames}
-        if ask["a"].len() or ask["b"].len():
+    links = state.links_for(mapping.name, dtypes, none, none)
+    while True:
+        ask = {side: outside(wanted[side], asked[side]) for side in SIDES}
+        asking = bool(ask["a"].len() or ask["b"].len())
+        if asking:
             found = state.links_for(mapping.name, dtypes, ask["a"], ask["b"])
             links = pl.concat([links, found]).unique("a_id", keep="first", maintain_order=True)
-            for side in frames:
+            for side in SIDES:
                 asked[side] = pl.concat([asked[side], ask[side]])
                 wanted[side] = pl.concat([wanted[side], found.get_column(f"{side}_id")])
-        held = {side: rows[side].get_column("id") for side in frames}
-        fetch = {side: outside(wanted[side], held[side]) for side in frames}
-        fresh = {
-            side: rows_where(frames[side], pl.col("id").is_in(fetch[side].implode()))
-            if fetch[side].len()
-            else rows[side].clear()
-            for side in frames
+        fetch = {side: outside(wanted[side], sought[side]) for side in SIDES}
+        values = {
+            key: outside(
+                pl.concat([rows["a"].get_column(key), rows["b"].get_column(key)]).drop_nulls(),
+                searched[key],
+            )
+            for key in keys
         }
-        while any(f.height for f in fresh.values()):  # merge keys of the rows just taken in
-            for side in frames:
-                rows[side] = pl.concat([rows[side], fresh[side]])
-            values = {
-                key: outside(
-                    pl.concat(
-                        [fresh["a"].get_column(key), fresh["b"].get_column(key)]
-                    ).drop_nulls(),
-                    searched[key],
-                )
-                for key in keys
-            }
-            fresh = {side: rows[side].clear() for side in frames}
-            for key, found_values in values.items():
-                if not found_values.len():
-                    continue
-                searched[key] = pl.concat([searched[key], found_values])
-                for side in frames:
-                    held_ids = pl.concat(
-                        [rows[side].get_column("id"), fresh[side].get_column("id")]
-                    )
-                    sharing = rows_where(frames[side], pl.col(key).is_in(found_values.implode()))
-                    sharing = sharing.filter(~pl.col("id").is_in(held_ids.implode()))
-                    fresh[side] = pl.concat([fresh[side], sharing])
-                    wanted[side] = pl.concat([wanted[side], sharing.get_column("id")])
-        if all(
-            not outside(wanted[side], asked[side]).len()
-            and not outside(wanted[side], rows[side].get_column("id")).len()
-            for side in frames
-        ):
-            break
-    return Scope(a=rows["a"], b=rows["b"], links=links)
+        values = {key: found for key, found in values.items() if found.len()}
+        if not (asking or values or fetch["a"].len() or fetch["b"].len()):
+            return Scope(a=rows["a"], b=rows["b"], links=links)
+        for key, found in values.items():
+            searched[key] = pl.concat([searched[key], found])
+        for side in SIDES:
+            if not (values or fetch[side].len()):
+                continue
+            sought[side] = pl.concat([sought[side], fetch[side]])
+            held = rows[side].get_column("id")
+            taken = rows_where(
+                frames[side],
+                pl.any_horizontal(
+                    pl.col("id").is_in(fetch[side].implode()),
+                    *[pl.col(key).is_in(found.implode()) for key, found in values.items()],
+                ),
+            ).filter(~pl.col("id").is_in(held.implode()))
+            rows[side] = pl.concat([rows[side], taken])
+            wanted[side] = pl.concat([wanted[side], taken.get_column("id")])
+            sought[side] = pl.concat([sought[side], taken.get_column("id")])

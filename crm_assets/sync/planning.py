@@ -221,7 +221,7 @@ def plan_flow(
     else:
         count = functools.cache(functools.partial(state.link_count, mapping.name))
         whole = Whole(count, {"a": live_count(a), "b": live_count(b)}, mark.links)
-        found = changed_scope(mapping, a, b, state, *changed)
+        found = changed_scope(mapping, a, b, state, changed)
         scope = Scope(sides[0].whole_rows(found.a), sides[1].whole_rows(found.b), found.links)
         links, earlier = scope.links, (mark, scope)
     pending = state.pending_creates(mapping.name)
