@@ -446,9 +446,10 @@ def changed_scope(
         if asking:
             found = state.links_for(mapping.name, dtypes, ask["a"], ask["b"])
             links = pl.concat([links, found]).unique("a_id", keep="first", maintain_order=True)
-            for side in SIDES:
-                asked[side] = pl.concat([asked[side], ask[side]])
-                wanted[side] = pl.concat([wanted[side], found.get_column(f"{side}_id")])
+            for side in SIDES:  # a record has one link at most: its counterpart's is this
+                linked = found.get_column(f"{side}_id")
+                asked[side] = pl.concat([asked[side], ask[side], linked])
+                wanted[side] = pl.concat([wanted[side], linked])
         fetch = {side: outside(wanted[side], sought[side]) for side in SIDES}
         values = {
             key: outside(
