@@ -458,11 +458,11 @@ def changed_scope(
             )
             for key in keys
         }
-        values = {key: found for key, found in values.items() if found.len()}
+        values = {key: new for key, new in values.items() if new.len()}
         if not (asking or values or fetch["a"].len() or fetch["b"].len()):
             return Scope(a=rows["a"], b=rows["b"], links=links)
-        for key, found in values.items():
-            searched[key] = pl.concat([searched[key], found])
+        for key, new in values.items():
+            searched[key] = pl.concat([searched[key], new])
         for side in SIDES:
             if not (values or fetch[side].len()):
                 continue
@@ -472,7 +472,7 @@ def changed_scope(
                 frames[side],
                 pl.any_horizontal(
                     pl.col("id").is_in(fetch[side].implode()),
-                    *[pl.col(key).is_in(found.implode()) for key, found in values.items()],
+                    *[pl.col(key).is_in(new.implode()) for key, new in values.items()],
                 ),
             ).filter(~pl.col("id").is_in(held.implode()))
             rows[side] = pl.concat([rows[side], taken])
