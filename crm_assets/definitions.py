@@ -19,20 +19,12 @@ from crm_assets.defs.records import build_record_assets
 from crm_assets.defs.resources import build_resources
 from crm_assets.defs.snapshots import build_snapshot_assets
 from crm_assets.defs.sync_assets import FLOW_TAG, build_sync_assets
-from crm_assets.engine.lease import release_held
 from crm_assets.settings import DEFAULTS, Settings
 from crm_assets.sync.selection import read_selection
 
 #: A retried run (instance run retries) starts over: it re-reads and re-plans under the
 #: flow's lease, never writing an old plan.
 RETRY_ALL_STEPS = {"dagster/retry_strategy": "ALL_STEPS"}
-
-
-@dg.failure_hook
-def release_leases(context: dg.HookContext) -> None:
-    """A failed step (a breaker trip, an unreachable CRM) ends the run's writes: give the
-    flows it holds back at once instead of letting the next run wait for the expiry."""
-    release_held(context.run_id)
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -59,7 +51,6 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     jobs = [
         dg.define_asset_job(
             f"sync_{m.name}",
-            hooks={release_leases},
             tags={FLOW_TAG: m.name, **RETRY_ALL_STEPS},
             # the QA report too, so that a sensor-started run leaves it current
             selection=dg.AssetSelection.groups(m.name)
@@ -73,7 +64,6 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "sync_all",
             selection=dg.AssetSelection.all(),
             description="Every flow.",
-            hooks={release_leases},
             tags={FLOW_TAG: "all", **RETRY_ALL_STEPS},
         )
     )

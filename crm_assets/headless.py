@@ -18,7 +18,6 @@ from crm_assets.definitions import build_definitions
 from crm_assets.defs.sync_assets import VIA_TAG
 from crm_assets.engine.checks import NO_PROPERTIES
 from crm_assets.engine.document import DocumentError, SelectionError
-from crm_assets.engine.lease import release_held
 from crm_assets.engine.mapping import MappingError
 from crm_assets.engine.storage import StorageError
 from crm_assets.settings import Settings
@@ -121,7 +120,6 @@ def execute_sync(
         tags={VIA_TAG: "crm-assets sync"},
         asset_selection=selection if dry_run else None,
     )
-    release_held(result.run_id)  # a step stopped by Ctrl-C ran no failure hook
     outcome = SyncOutcome(success=result.success, run_id=result.run_id)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization  # type: ignore[union-attr]

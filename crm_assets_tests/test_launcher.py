@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -13,6 +14,7 @@ from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.launcher import LaunchRunContext
 
 from crm_assets.defs.launcher import PID_TAG, PRELOAD, WarmRunLauncher
+from crm_assets.defs.resources import SyncStorage
 from crm_assets.engine.lease import FlowLease, LeaseHeld, hold, lease_info
 from crm_assets.engine.state import SyncState
 
@@ -34,16 +36,20 @@ def wait_long() -> None:
     time.sleep(120)
 
 
-@dg.op
+@dg.op(required_resource_keys={"storage"})
 def hold_flow_then_wait(context: dg.OpExecutionContext) -> None:
-    """Hold a flow's lease as a run's mapped step does, then work long (no step of its
-    own catches the interrupt, as a run stopped between steps)."""
-    state = SyncState(context.run.tags["state"])
+    """Hold a flow's lease as a run's mapped step does, through the project's storage,
+    then work long (no step of its own catches the interrupt, as a run stopped between
+    steps)."""
+    state = context.resources.storage.state()
     hold(FlowLease(state, FLOW, context.run.run_id, f"run {context.run.run_id[:12]} (test)"))
     time.sleep(120)
 
 
-@dg.job(executor_def=dg.in_process_executor)
+@dg.job(
+    executor_def=dg.in_process_executor,
+    resource_defs={"storage": SyncStorage.configure_at_launch()},
+)
 def holding_job() -> None:
     hold_flow_then_wait()
 
@@ -68,10 +74,15 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
         yield found
 
 
-def launch(instance: dg.DagsterInstance, job: dg.JobDefinition, **tags: str) -> str:
+def launch(
+    instance: dg.DagsterInstance,
+    job: dg.JobDefinition,
+    run_config: dict[str, Any] | None = None,
+    **tags: str,
+) -> str:
     recon = ReconstructableJob.for_file(__file__, job.name)  # by path: pytest's own import
     run = instance.create_run_for_job(
-        job_def=job, job_code_origin=recon.get_python_origin(), tags=tags
+        job_def=job, job_code_origin=recon.get_python_origin(), tags=tags, run_config=run_config
     )
     launcher = instance.run_launcher
     assert isinstance(launcher, WarmRunLauncher)
@@ -126,10 +137,12 @@ def test_terminate_stops_a_warm_run(instance: dg.DagsterInstance) -> None:
 def test_a_terminated_run_gives_its_flow_back_at_once(
     instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
-    """Terminated from the UI while it holds a flow, a run gives the flow back as it ends:
-    the next sync starts at once instead of being refused until the lease expires."""
+    """Terminated from the UI while it holds a flow, a run gives the flow back before it is
+    reported finished: the next sync, started on that report, takes the flow at once
+    instead of being refused until the lease expires."""
     url = f"sqlite:///{tmp_path / 'state.db'}"
-    run_id = launch(instance, holding_job, state=url)
+    storage = {"data_url": str(tmp_path / "data"), "state_url": url}
+    run_id = launch(instance, holding_job, {"resources": {"storage": {"config": storage}}})
     deadline = time.monotonic() + 60
     while (info := lease_info(SyncState(url), FLOW)) is None or info.run_id != run_id:
         assert time.monotonic() < deadline, "the run never took the flow's lease"

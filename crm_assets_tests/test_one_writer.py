@@ -22,6 +22,7 @@ from conftest import SyncWorld
 
 from crm_assets.engine.lease import FlowLease, LeaseHeld, lease_info
 from crm_assets.engine.state import SyncState
+from crm_assets.headless import execute_sync
 
 REPETITIONS = 10
 NEW_CONTACTS = 50
@@ -214,3 +215,27 @@ def test_a_writer_stopped_with_ctrl_c_gives_its_flow_back_as_it_exits(tmp_path: 
     info = lease_info(SyncState(url), "contact_to_contacts")
     assert info is not None and info.run_id == "stopped" and info.released_at is not None
     FlowLease(SyncState(url), "contact_to_contacts", "next", "next").acquire(wait=0)
+
+
+def test_a_run_that_fails_holding_flows_gives_them_back_before_it_is_reported(
+    sync_world: SyncWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A sync run refused after it took its flows (here: started on a new data directory
+    after a sync, so its state has no links) fails, and by the time Dagster reports it
+    failed the flows are free: the ``--rebuild-links`` run the refusal asks for takes them
+    at once."""
+    with sync_world.custom_client() as a:  # no e-mail: only the state links them
+        for i in range(5):
+            a.create("contacts", {"FirstName": f"NoMail{i}", "LastName": "Custom"})
+    assert execute_sync().success
+    url = f"sqlite:///{tmp_path / 'elsewhere' / 'state.db'}"
+    monkeypatch.setenv("CRM_SYNC_DATA_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("CRM_SYNC_STATE_URL", url)
+    refused = execute_sync()
+    assert not refused.success
+    state = SyncState(url)
+    for flow in sync_world.mappings:
+        info = lease_info(state, flow)
+        assert info is not None and info.run_id == refused.run_id, (flow, info)
+        assert info.released_at is not None, (flow, info)
+        FlowLease(state, flow, "next", "next run").acquire(wait=0)

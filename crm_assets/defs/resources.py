@@ -10,6 +10,7 @@ from pydantic import Field
 
 from crm_assets.connector import ClientSettings, Connector, CrmClient
 from crm_assets.connectors import connector_by_key
+from crm_assets.engine.lease import release_held
 from crm_assets.engine.link_copies import copies_folder
 from crm_assets.engine.snapshot import SnapshotStore
 from crm_assets.engine.state import SyncState
@@ -50,6 +51,13 @@ class SyncStorage(dg.ConfigurableResource):
     link_copies: bool = Field(
         True, description="keep each flow's links as a Parquet copy in the data folder"
     )
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """A run's steps have ended, however they ended (done, failed, interrupted from
+        the UI or by Ctrl-C): give back the flows the run holds before Dagster reports it
+        finished, so that the next sync, started on that report, takes them at once."""
+        if context.run is not None:  # a sensor's evaluation holds nothing
+            release_held(context.run.run_id)
 
     def state(self) -> SyncState:
         copies = copies_folder(self.data()) if self.link_copies else None

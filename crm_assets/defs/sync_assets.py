@@ -296,27 +296,22 @@ def _writes_asset(mapping: FlowMapping) -> dg.AssetsDefinition:
             )
         if plan.blocked and not plan.read_only:
             raise dg.Failure(description=plan.blocked, metadata=named_counts(plan, mapping))
-        try:
-            with ExitStack() as stack:
-                clients = {
-                    key: stack.enter_context(getattr(context.resources, key).client())
-                    for key in {obj.system_key for obj in systems.values()}
-                }
-                results = write_flow(
-                    mapping,
-                    plan,
-                    state,
-                    storage.snapshots(),
-                    clients,
-                    run_id,
-                    reference_links(state, mapping),
-                    progress=context.log.info,
-                )
-        except BaseException:
-            # an interrupted run (Ctrl-C, terminated from the UI) runs no failure hook: give
-            # the flow back now, not when the lease expires under the next run's feet
-            release_held(run_id, mapping.name)
-            raise
+        # however this step ends, the storage's teardown gives the flow back
+        with ExitStack() as stack:
+            clients = {
+                key: stack.enter_context(getattr(context.resources, key).client())
+                for key in {obj.system_key for obj in systems.values()}
+            }
+            results = write_flow(
+                mapping,
+                plan,
+                state,
+                storage.snapshots(),
+                clients,
+                run_id,
+                reference_links(state, mapping),
+                progress=context.log.info,
+            )
         if confirm_plan(state, plan, run_id):
             storage.mark_synced(mapping.name, run_id)
         release_held(run_id, mapping.name)

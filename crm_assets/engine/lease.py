@@ -198,9 +198,9 @@ def release_held(run_id: str | None, flow: str | None = None) -> int:
 
 @atexit.register
 def _release_at_exit() -> None:
-    """A run worker that ends however it ends (terminated between steps, its pod stopped)
-    runs no failure hook: it gives its flows back as it exits, not when the leases expire
-    under the next run's feet. Best effort: an unreachable state database leaves that to
-    the expiry."""
+    """A process that ends before its run's resources are torn down (its pod stopped, a
+    script holding a flow stopped with Ctrl-C) gives its flows back as it exits, not when
+    the leases expire under the next run's feet. Best effort: an unreachable state
+    database leaves that to the expiry."""
     with contextlib.suppress(sa.exc.SQLAlchemyError):
         release_held(None)
