@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from benchmarks.synthetic import contact_mapping, generate
 from crm_assets.engine import snapshot as snapshot_module
-from crm_assets.engine.incremental import scope_columns
+from crm_assets.engine.incremental import scope_columns, upsert_rows
 from crm_assets.engine.mapping import map_side
 from crm_assets.engine.snapshot import SEQ, SnapshotStore, forget_decoded, merge_snapshot
 from crm_assets.engine.storage import Storage
@@ -374,3 +374,22 @@ def test_a_read_while_another_run_folds_the_delta_into_the_base_loses_no_row(
     assert stored is not None
     assert "N-new" in stored.frame().get_column(id_field).to_list()
     assert stored.frame().height == SEED["a"].height + 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(0, 120),
+    replaced=st.sets(st.integers(0, 119), max_size=90),
+    added=st.integers(0, 5),
+)
+def test_a_few_rows_upserted_by_slices_equal_the_frame_filtered(
+    rows: int, replaced: set[int], added: int
+) -> None:
+    """An upsert of a few rows (slices around them) and of many (a filtered copy) give the
+    frame with those rows replaced and the new ones added, in the same order."""
+    frame = pl.DataFrame({"id": [f"r{i}" for i in range(rows)], "value": list(range(rows))})
+    ids = [f"r{i}" for i in sorted(replaced) if i < rows] + [f"new{i}" for i in range(added)]
+    changed = pl.DataFrame({"id": ids, "value": [-1] * len(ids)})
+    expected = pl.concat([frame.filter(~pl.col("id").is_in(ids)), changed])
+    assert upsert_rows(frame, changed).equals(expected)
+    assert upsert_rows(frame.lazy(), changed).equals(expected)
