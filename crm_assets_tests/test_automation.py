@@ -28,10 +28,11 @@ def tick(
 ) -> Any:
     defs = build_definitions(Settings.from_env())
     sensor = defs.resolve_sensor_def(sensor_name)
-    context = dg.build_sensor_context(
+    # as the daemon evaluates it: the storage's teardown (a run's leases) needs the scope
+    with dg.build_sensor_context(
         cursor=cursor, resources=resources, instance=instance or dg.DagsterInstance.ephemeral()
-    )
-    return sensor.evaluate_tick(context), context
+    ) as context:
+        return sensor.evaluate_tick(context), context
 
 
 def storage(world: SyncWorld) -> SyncStorage:
@@ -165,10 +166,10 @@ class ContactsOf:
         )
 
     def tick(self, cursor: str | None) -> Any:
-        context = dg.build_sensor_context(
+        with dg.build_sensor_context(
             cursor=cursor, resources=self.resources, instance=dg.DagsterInstance.ephemeral()
-        )
-        return self.sensor.evaluate_tick(context)
+        ) as context:
+            return self.sensor.evaluate_tick(context)
 
     def titles_in_the_other_crm(self) -> set[str | None]:
         other = (

@@ -24,7 +24,13 @@ from benchmarks.synthetic import contact_mapping, generate
 from crm_assets.engine import snapshot as snapshot_module
 from crm_assets.engine.incremental import scope_columns, upsert_rows
 from crm_assets.engine.mapping import map_side
-from crm_assets.engine.snapshot import SEQ, SnapshotStore, forget_decoded, merge_snapshot
+from crm_assets.engine.snapshot import (
+    SEQ,
+    SnapshotStore,
+    forget_decoded,
+    merge_snapshot,
+    newest,
+)
 from crm_assets.engine.storage import Storage
 from crm_assets.sync import map_flow, mapped_sides
 from crm_assets.sync.files import FlowFiles
@@ -48,7 +54,9 @@ read = st.tuples(
     st.lists(
         st.tuples(
             st.integers(0, 59),  # an id beyond the seed's is a new record
-            st.sampled_from(["edit", "same time", "delete", "reference", "read again"]),
+            st.sampled_from(
+                ["edit", "same time", "clock back", "delete", "reference", "read again"]
+            ),
         ),
         min_size=1,
         max_size=6,
@@ -78,9 +86,11 @@ def _records(
         if change == "read again":  # the overlap window: as stored (or new)
             rows.append(record)
             continue
-        if change != "same time":
+        if change == "clock back":  # edited while the CRM's clock was set back
+            record[modified] = record[modified] - timedelta(days=1)
+        elif change != "same time":
             record[modified] = record[modified] + timedelta(seconds=step + 1)
-        if change in ("edit", "same time"):
+        if change in ("edit", "same time", "clock back"):
             record[field] = f"title {step} {index}"
         elif change == "delete":
             record["_deleted"] = True
@@ -177,6 +187,12 @@ def test_kept_mapped_frames_equal_a_whole_map(history: list[tuple], compact: int
                 assert stored is not None and stored.cursor(modified, LATER) == latest, (
                     f"the cursor of side {side} after step {step}: {kind} {args}"
                 )
+                # a CRM whose now is before some records' times (dated in the future)
+                times = expected.frame.get_column(modified).sort()
+                now = times[times.len() // 2]
+                assert stored.cursor(modified, now) == newest(expected.frame, modified, now), (
+                    f"the cursor before some records' times, side {side} after step {step}"
+                )
                 if summary is not None:  # the merge's times and deletes: the cursor, the counts
                     times = expected.frame.select(modified, "_deleted")
                     assert summary.sort(pl.all()).equals(times.sort(pl.all())), (
@@ -265,10 +281,10 @@ def test_a_delta_written_before_another_run_folded_it_in_never_undoes_a_newer_re
     )
     store.merge(system, obj, store.open(system, obj), older, id_field, modified, False, 1.0)
     stale = (tmp_path / system / f"{obj}.delta.parquet").read_bytes()
-    newer = (
+    newer = (  # dated after every record: the cursor kept with the stale delta is earlier
         SEED["a"]
         .head(5)
-        .with_columns(pl.col(modified) + timedelta(seconds=2), pl.lit("newer").alias(title))
+        .with_columns(pl.col(modified) + timedelta(days=1), pl.lit("newer").alias(title))
     )
     newer = pl.concat([newer, newer.tail(1).with_columns(pl.lit("N-new").alias(id_field))])
     store.compact_min_rows = 0  # the other run's read (5 of 40 rows, and a new one) folds it in
@@ -387,9 +403,10 @@ def test_a_few_rows_upserted_by_slices_equal_the_frame_filtered(
 ) -> None:
     """An upsert of a few rows (slices around them) and of many (a filtered copy) give the
     frame with those rows replaced and the new ones added, in the same order."""
-    frame = pl.DataFrame({"id": [f"r{i}" for i in range(rows)], "value": list(range(rows))})
+    schema = {"id": pl.String, "value": pl.Int64}
+    frame = pl.DataFrame({"id": [f"r{i}" for i in range(rows)], "value": range(rows)}, schema)
     ids = [f"r{i}" for i in sorted(replaced) if i < rows] + [f"new{i}" for i in range(added)]
-    changed = pl.DataFrame({"id": ids, "value": [-1] * len(ids)})
+    changed = pl.DataFrame({"id": ids, "value": [-1] * len(ids)}, schema)
     expected = pl.concat([frame.filter(~pl.col("id").is_in(ids)), changed])
     assert upsert_rows(frame, changed).equals(expected)
     assert upsert_rows(frame.lazy(), changed).equals(expected)

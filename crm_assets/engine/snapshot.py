@@ -192,11 +192,31 @@ def newest(
     return times.max()  # type: ignore[return-value]
 
 
-def future_dated(frame: pl.DataFrame | None, modified: str, crm_now: datetime) -> int:
-    """How many records are dated after the CRM's now (they are read again until then)."""
-    if frame is None or frame.height == 0:
-        return 0
-    return frame.filter(pl.col(modified) > crm_now).height
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """What a merged snapshot's times and deletes say (:meth:`SnapshotStore.merge`)."""
+
+    #: its newest modification time that has come (:func:`newest`)
+    cursor: datetime | None
+    #: records dated after the CRM's now and the overlap: read again until their time
+    future_dated: int
+    #: its rows, and those not deleted
+    rows: int
+    live: int
+
+    @classmethod
+    def of(
+        cls, summary: pl.DataFrame, modified: str, crm_now: datetime, overlap: timedelta
+    ) -> SnapshotSummary:
+        """In one pass over a million rows' two columns, not a filtered copy per figure."""
+        times = pl.col(modified)
+        row = summary.select(
+            times.filter(times <= crm_now).max().alias("cursor"),
+            (times > crm_now + overlap).sum().alias("future_dated"),
+            pl.len().alias("rows"),
+            (~pl.col(DELETED)).sum().alias("live"),
+        ).row(0, named=True)
+        return cls(**row)
 
 
 def merge_snapshot(
@@ -291,6 +311,8 @@ class Delta:
     #: the snapshot's rows when it was written, and the base's rows and newest read then:
     #: while the base is that one, the snapshot still holds as many (None: not known)
     rows: tuple[int, int, int] | None = None
+    #: the snapshot's newest modification time when it was written, valid as ``rows``
+    newest_at: datetime | None = None
 
     def newest(self, base: pl.DataFrame | pl.LazyFrame) -> tuple[pl.DataFrame, pl.Series]:
         """Per id of the delta, the later read of its row and the base's (a tie goes to the
@@ -316,6 +338,8 @@ class Stored:
 
     base: pl.LazyFrame
     delta: Delta | None
+    #: the base's newest modification time, as it was written (None: not known)
+    newest_at: datetime | None = None
 
     def frame(self, columns: list[str] | None = None) -> pl.DataFrame:
         """The whole snapshot, one row per id (only ``columns``, when given)."""
@@ -332,8 +356,32 @@ class Stored:
         return pl.concat([kept.collect(), rows.select(wanted)], how="diagonal_relaxed")
 
     def cursor(self, modified: str, crm_now: datetime) -> datetime | None:
-        """The snapshot's cursor (see :func:`newest`), from its modification times only."""
+        """The snapshot's cursor (see :func:`newest`): the newest modification time kept
+        with it when that has come (no record is dated after the CRM's now), else from
+        its modification times (decoding them cost 13 to 57 ms a million rows)."""
+        known = self.newest_at if self.delta is None else self._delta_newest()
+        if known is not None and known <= crm_now:
+            return known
         return newest(self.frame([modified]), modified, crm_now)
+
+    def _delta_newest(self) -> datetime | None:
+        """The delta's newest time, while the base is the one it was written beside."""
+        delta = self.delta
+        if delta is None or delta.newest_at is None or delta.rows is None:
+            return None
+        base = self.base.select(pl.len(), pl.col(SEQ).max().fill_null(0)).collect().row(0)
+        return delta.newest_at if base == delta.rows[1:] else None
+
+
+def _newest_text(frame: pl.DataFrame, modified: str) -> str | None:
+    """A snapshot's newest modification time as its files keep it (an aware one only)."""
+    at = frame.get_column(modified).max() if frame.height else None
+    return at.isoformat() if isinstance(at, datetime) and at.tzinfo is not None else None
+
+
+def _newest_of(meta: Mapping[str, str]) -> datetime | None:
+    """The newest modification time a snapshot's file keeps (None from an earlier release)."""
+    return datetime.fromisoformat(meta["newest"]) if "newest" in meta else None
 
 
 #: a merge's working columns: the base's row numbers, its rows of the ids read or in the
@@ -457,13 +505,17 @@ class SnapshotStore:
         frame: pl.DataFrame | None,
         read_started: float,
         crm_started: datetime | None = None,
+        modified: str | None = None,
     ) -> str:
         """Store the whole snapshot (as its base, folding any delta in) and when its read
         began (our time, and the CRM's when known); returns where it is. ``None``: the read
         changed nothing, only its time is stored (a million rows are not rewritten for a
-        read of the overlap window)."""
+        read of the overlap window). With ``modified``, the base keeps its newest
+        modification time (the next read's cursor, :meth:`Stored.cursor`)."""
         if frame is not None:
-            self.root.write_parquet(frame, system, f"{obj}.parquet")
+            at = _newest_text(frame, modified) if modified else None
+            meta = None if at is None else {"newest": at}
+            self.root.write_parquet(frame, system, f"{obj}.parquet", metadata=meta)
             self.root.delete(system, f"{obj}{DELTA}")
         self._stamp(system, obj, read_started, crm_started)
         return self.uri(system, obj)
@@ -503,7 +555,7 @@ class SnapshotStore:
         ):
             previous = None if stored is None else stored.frame()
             change = merge_snapshot(previous, fetched, id_field, modified, full_rescan)
-            self.write(system, obj, change.to_store, read_started, crm_started)
+            self.write(system, obj, change.to_store, read_started, crm_started, modified)
             return change, change.frame.select(modified, DELETED)
         base, delta = stored.base, stored.delta
         # the base's ids, reads, times and deletes: a few columns of a million rows, where
@@ -533,13 +585,14 @@ class SnapshotStore:
         )
         if changed.height > max(self.compact_min_rows, COMPACT_SHARE * summary.height):
             kept = base.filter(not_changed).collect()
-            self.write(system, obj, pl.concat([kept, changed]), read_started, crm_started)
+            whole = pl.concat([kept, changed])
+            self.write(system, obj, whole, read_started, crm_started, modified)
         elif change.touched:
             buffer = io.BytesIO()
             rows = {"rows": summary.height, "base_rows": narrow.height, "base_seq": last_seq}
-            changed.write_parquet(
-                buffer, metadata={"id": id_field} | {k: str(v) for k, v in rows.items()}
-            )
+            meta = {"id": id_field} | {k: str(v) for k, v in rows.items()}
+            at = _newest_text(summary, modified)
+            changed.write_parquet(buffer, metadata=meta | ({"newest": at} if at else {}))
             self.root.write_bytes(buffer.getvalue(), system, f"{obj}{DELTA}")
             self._stamp(system, obj, read_started, crm_started)
         else:
@@ -587,13 +640,15 @@ class SnapshotStore:
         if data is None:
             return None
         base = pl.scan_parquet(io.BytesIO(data))
+        at = _newest_of(pl.read_parquet_metadata(io.BytesIO(data)))
         if raw is None:
-            return Stored(base, None)
+            return Stored(base, None, at)
         meta = pl.read_parquet_metadata(io.BytesIO(raw))
         rows = None
         if "base_seq" in meta:  # a delta an earlier release wrote has no counts
             rows = (int(meta["rows"]), int(meta["base_rows"]), int(meta["base_seq"]))
-        return Stored(base, Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"], rows))
+        delta = Delta(pl.read_parquet(io.BytesIO(raw)), meta["id"], rows, _newest_of(meta))
+        return Stored(base, delta, at)
 
     def kept_mapped(self, flow: str, side: str, key: str) -> KeptFrame | None:
         """The side's mapped frame kept by an earlier run, if it was kept under ``key``

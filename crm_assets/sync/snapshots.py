@@ -7,17 +7,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import polars as pl
-
 from crm_assets.connector import CrmClient
 from crm_assets.engine.objects import SourceObject
 from crm_assets.engine.snapshot import (
-    DELETED,
     OVERLAP,
     SnapshotChange,
     SnapshotStore,
-    future_dated,
-    newest,
+    SnapshotSummary,
     records_to_frame,
     since_with_overlap,
 )
@@ -91,16 +87,16 @@ def take_snapshot(
         read_started,
         crm_now,  # the CRM's now as this read began
     )
-    crm_now = _crm_now(client)
+    counts = SnapshotSummary.of(summary, modified, _crm_now(client), overlap)
     return SnapshotRun(
         change,
         since,
         pages,
-        newest(summary, modified, crm_now),
-        future_dated(summary, modified, crm_now + overlap),
+        counts.cursor,
+        counts.future_dated,
         client.clock_offset(),
-        rows=summary.height,
-        live=summary.filter(~pl.col(DELETED)).height,
+        rows=counts.rows,
+        live=counts.live,
     )
 
 
