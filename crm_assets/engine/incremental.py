@@ -25,7 +25,7 @@ import polars as pl
 
 from crm_assets.engine.mapping import MAPPED_FORMAT, FlowMapping, map_side
 from crm_assets.engine.reconcile import SIDES, other
-from crm_assets.engine.snapshot import KeptFrame
+from crm_assets.engine.snapshot import KeptFrame, without_rows
 from crm_assets.engine.state import SyncState, dead_letter_record
 
 #: Links changed this long before a mark count as changed after it: the hosts of one
@@ -398,11 +398,6 @@ class Scope:
     links: pl.DataFrame
 
 
-#: Up to this many replaced rows, :func:`upsert_rows` slices around them (each slice a
-#: chunk of the result) instead of copying the frame without them.
-SLICED_UPSERT = 64
-
-
 def rows_where(frame: pl.DataFrame | pl.LazyFrame, predicate: pl.Expr) -> pl.DataFrame:
     """The rows of a large frame ``predicate`` holds for, through the lazy engine: an eager
     ``filter`` of a frame in many chunks (a kept frame with rows upserted) took 24 ms a
@@ -415,19 +410,15 @@ def upsert_rows(frame: pl.DataFrame | pl.LazyFrame, changed: pl.DataFrame) -> pl
     drops the replaced rows as it is read, not in a copy after; with nothing changed, the
     frame is the answer (filtering a million rows to keep them all cost 10 ms).
 
-    A frame in memory with a few rows replaced (:data:`SLICED_UPSERT`) is the slices
-    around them, which share its columns: a filtered copy of a million rows allocates
-    anew, and in a run's new process that cost 20 to 80 ms a side in page faults."""
+    A frame in memory with a few rows replaced is the slices around them
+    (:func:`without_rows`)."""
     if not changed.height:
         return frame.collect() if isinstance(frame, pl.LazyFrame) else frame
     replaced = pl.col("id").is_in(changed.get_column("id").implode())
     if isinstance(frame, pl.DataFrame):
-        rows = frame.select(replaced.arg_true()).to_series()
-        if rows.len() <= SLICED_UPSERT:
-            starts = [0, *(row + 1 for row in rows.to_list())]
-            ends = [*rows.to_list(), frame.height]
-            parts = [frame.slice(s, e - s) for s, e in zip(starts, ends, strict=True) if e > s]
-            return pl.concat([*parts, changed])
+        return pl.concat(
+            [without_rows(frame, frame.select(replaced.arg_true()).to_series()), changed]
+        )
     return pl.concat([rows_where(frame, ~replaced), changed])
 
 
