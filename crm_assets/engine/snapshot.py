@@ -186,10 +186,13 @@ def newest(
     cursor past the CRM's now, so later edits are not skipped."""
     if frame is None or frame.height == 0:
         return None
-    times = frame.get_column(modified)
-    if crm_now is not None:
-        times = times.filter(times <= crm_now)
-    return times.max()  # type: ignore[return-value]
+    return frame.select(_newest_come(modified, crm_now)).item()
+
+
+def _newest_come(modified: str, crm_now: datetime | None) -> pl.Expr:
+    """The newest of the ``modified`` times that have come by ``crm_now`` (all: None)."""
+    times = pl.col(modified)
+    return (times if crm_now is None else times.filter(times <= crm_now)).max()
 
 
 @dataclass(frozen=True)
@@ -209,10 +212,9 @@ class SnapshotSummary:
         cls, summary: pl.DataFrame, modified: str, crm_now: datetime, overlap: timedelta
     ) -> SnapshotSummary:
         """In one pass over a million rows' two columns, not a filtered copy per figure."""
-        times = pl.col(modified)
         row = summary.select(
-            times.filter(times <= crm_now).max().alias("cursor"),
-            (times > crm_now + overlap).sum().alias("future_dated"),
+            _newest_come(modified, crm_now).alias("cursor"),
+            (pl.col(modified) > crm_now + overlap).sum().alias("future_dated"),
             pl.len().alias("rows"),
             (~pl.col(DELETED)).sum().alias("live"),
         ).row(0, named=True)
