@@ -70,6 +70,33 @@ def test_links_meet_their_records_as_a_join_on_the_ids_gives(
     assert joined.filter(pl.col("a_id") == "gone").get_column("a.x").to_list() == [None]
 
 
+ids = st.one_of(st.none(), st.sampled_from(["a1", "a2", "a3", "a4", "a5"]))
+
+
+@settings(max_examples=120, deadline=None)
+@given(left=st.lists(ids, max_size=8), right=st.lists(ids, max_size=8), hashed=st.booleans())
+def test_any_ids_meet_as_a_join_on_them_gives_in_the_links_order(
+    left: list[str | None], right: list[str | None], hashed: bool
+):
+    """Null ids meet nothing, ids twice on the right give a row each, as a join does."""
+    links = pl.DataFrame(
+        {"a_id": left, "n": range(len(left))}, schema_overrides={"a_id": pl.String}
+    )
+    records = pl.DataFrame(
+        {"a_id": right, "a.x": range(len(right))}, schema_overrides={"a_id": pl.String}
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        if not hashed:
+            patch.setattr(reconcile, "id_hash", colliding(2))
+        joined = left_join_on_ids(links, {"a_id": records})
+    expected = string_join(links, {"a_id": records})
+    assert joined.sort("n", "a.x", nulls_last=True).equals(
+        expected.sort("n", "a.x", nulls_last=True)
+    )
+    if hashed and right == list(dict.fromkeys(right)):  # found by positions, not a join
+        assert joined.get_column("n").to_list() == list(range(len(left)))
+
+
 def test_a_plan_is_the_same_when_every_id_collides(monkeypatch: pytest.MonkeyPatch):
     world = generate(2_000)
     mapping = contact_mapping()

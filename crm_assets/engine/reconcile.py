@@ -527,12 +527,15 @@ def id_hash(column: str) -> pl.Expr:
 
 
 def left_join_on_ids(left: pl.DataFrame, rights: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
-    """``left`` left-joined to each of ``rights`` on the id column named by its key.
+    """``left`` left-joined to each of ``rights`` on the id column named by its key, in
+    ``left``'s order.
 
-    Joined on 64-bit hashes of the ids, which joins 900k links to 1M records in 60 % of the
-    time strings take, then checked: should two different ids hash alike, or the two
-    sides' ids differ in type (hashes of different types never meet), the rows are joined
-    on the ids themselves."""
+    Each right's rows are found by a join of 64-bit hashes of the ids to row numbers only,
+    then checked against the ids and gathered, so ``left`` is never carried through a
+    join: 900k links meet 1M records per side in about half the time a join of the frames
+    on their hashes took, and a third of what strings take. Should two different ids hash
+    alike, an id appear twice, or the two sides' ids differ in type (hashes of different
+    types never meet), the rows are joined on the ids themselves."""
 
     def on_ids() -> pl.DataFrame:
         joined = left.lazy()
@@ -542,17 +545,32 @@ def left_join_on_ids(left: pl.DataFrame, rights: Mapping[str, pl.DataFrame]) -> 
 
     if any(left.schema[name] != right.schema[name] for name, right in rights.items()):
         return on_ids()
-    joined = left.lazy().with_columns(id_hash(name) for name in rights)
+    found = [left]
     for name, right in rights.items():
-        keyed = right.lazy().select(
-            id_hash(name), pl.col(name).alias(f"{name}#id"), pl.exclude(name)
-        )
-        joined = joined.join(keyed, on=f"{name}#", how="left")
-    found = joined.collect()
-    same = [(pl.col(f"{name}#id") == pl.col(name)).fill_null(True).all() for name in rights]
-    if not all(found.select(same).row(0)):
-        return on_ids()
-    return found.drop(*[f"{name}#" for name in rights], *[f"{name}#id" for name in rights])
+        rows = positions(left.get_column(name), right.get_column(name), name)
+        if rows is None:
+            return on_ids()
+        found.append(right.drop(name).gather(rows))
+    return pl.concat(found, how="horizontal")
+
+
+def positions(ids: pl.Series, among: pl.Series, name: str) -> pl.Series | None:
+    """Where each of ``ids`` is in ``among`` (null where it is not, and for a null id, as a
+    join finds no row for it), found by hashes; None when that cannot be told by them: two
+    of ``among`` hash alike where an id looked, or a hash matched a different id."""
+    table = among.to_frame(name).select(
+        id_hash(name), pl.int_range(pl.len(), dtype=pl.UInt32).alias("#row")
+    )
+    rows = (
+        ids.to_frame(name)
+        .select(id_hash(name), pl.col(name).is_not_null().alias("#id"))
+        .join(table, on=f"{name}#", how="left", maintain_order="left")
+        .select(pl.when("#id").then("#row"))
+        .to_series()
+    )
+    if rows.len() != ids.len() or not (among.gather(rows).eq_missing(ids) | rows.is_null()).all():
+        return None
+    return rows
 
 
 def take_rows(frame: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
