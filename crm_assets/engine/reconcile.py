@@ -197,10 +197,12 @@ def reconcile_flow(
         )
         for side, frame in (("a", a), ("b", b))
     }
-    known = known.filter(~pl.col("tombstoned"))
+    # tombstoned links are left out by each filter rather than by a copy of all the others
+    live = ~pl.col("tombstoned")
+    live_links = known.height - int(known.get_column("tombstoned").sum())
     a_gone = pl.col("a.deleted").fill_null(True)
     b_gone = pl.col("b.deleted").fill_null(True)
-    tombstones = known.filter(a_gone | b_gone).select(
+    tombstones = known.filter(live & (a_gone | b_gone)).select(
         "a_id",
         "b_id",
         pl.when(a_gone & b_gone)
@@ -230,7 +232,7 @@ def reconcile_flow(
         & pl.col("a.error").is_null()
         & pl.col("b.error").is_null()
     ).fill_null(False)  # a digest not known: the base is read and compared
-    active = known.filter(~a_gone & ~b_gone & ~quiet)
+    active = known.filter(live & ~a_gone & ~b_gone & ~quiet)
     # a base whose digest is not known (saved before the state kept digests) is saved again
     unknown = pl.col("has_base") & pl.col("base_hash").is_null()
     active_links = (
@@ -495,8 +497,8 @@ def reconcile_flow(
         ],
         engine=engine,
     )
-    total = whole.links if whole else lambda: known.height
-    at_least = whole.links_at_least if whole else known.height
+    total = whole.links if whole else lambda: live_links
+    at_least = whole.links_at_least if whole else live_links
     plan = Plan(
         flow=mapping.name,
         columns=cols,
